@@ -1,0 +1,203 @@
+"""Training backends: how the base model is loaded and wrapped with LoRA.
+
+    unsloth  Unsloth's FastLanguageModel (CUDA only): fused kernels, 4-bit base, offloaded checkpointing.
+    hf       transformers + PEFT (anywhere): fp32 on CPU, bf16/fp16 on CUDA, optional bitsandbytes 4-bit.
+
+Both hand the same thing to TRL's SFTTrainer (a PEFT model and a tokenizer) and both save the same PEFT
+adapter. Backends register themselves by name and import their libraries only when used, so importing
+anything under train/ on a CPU machine never imports unsloth.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import ConfigError, TrainConfig
+
+BACKENDS: dict[str, "Backend"] = {}
+
+
+@dataclass
+class Loaded:
+    model: object  # a peft.PeftModel
+    tokenizer: object
+    dtype: str  # "fp32" | "bf16" | "fp16"
+    device: str  # "cpu" | "cuda:0 (<GPU name>)"
+    base_path: str  # what was actually loaded (a Hub id or a folder)
+
+
+@dataclass
+class Backend:
+    name: str
+    load: Callable[[TrainConfig, str], Loaded]  # (config, resolved model name or path) -> Loaded
+    optimizer: Callable[[TrainConfig], str]  # TrainingArguments.optim for this backend
+
+
+def register(name: str, optimizer: Callable[[TrainConfig], str]):
+    def wrap(load):
+        BACKENDS[name] = Backend(name, load, optimizer)
+        return load
+
+    return wrap
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool) -> str:
+    """Resolve --backend. auto: unsloth when a CUDA GPU is present and unsloth installed, else hf.
+
+    >>> select_backend("auto", has_cuda=False, has_unsloth=True)
+    'hf'
+    >>> select_backend("auto", has_cuda=True, has_unsloth=True)
+    'unsloth'
+    """
+    if requested == "auto":
+        return "unsloth" if (has_cuda and has_unsloth) else "hf"
+    if requested == "unsloth":
+        if not has_cuda:
+            raise ConfigError(["--backend unsloth: needs a CUDA GPU and none is visible; use --backend hf (or auto) on CPU"])
+        if not has_unsloth:
+            raise ConfigError(["--backend unsloth: unsloth is not installed; pip install -r requirements-train.txt"])
+    return requested
+
+
+def compute_dtype(requested: str, *, has_cuda: bool, bf16_supported: bool) -> str:
+    """fp32 on CPU; on CUDA bf16 where the GPU has it (Ampere+), else fp16 (a T4)."""
+    if requested != "auto":
+        return requested
+    if not has_cuda:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def _default_optimizer(config: TrainConfig) -> str:
+    if config.optim != "auto":
+        return config.optim
+    # 8-bit AdamW halves optimizer memory on CUDA (Unsloth's recipe); bitsandbytes has no CPU kernels here.
+    if cuda_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit"
+    return "adamw_torch"
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    return "cpu"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _ensure_chat_template(tokenizer) -> None:
+    """Llama-3.2-Instruct tokenizers carry the template; a base model's may not: give it the same one."""
+    from .tiny import EOT, PAD, TEMPLATE_PATH
+
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = TEMPLATE_PATH.read_text()
+    # Llama-3's eos for chat is <|eot_id|>; padding with it would mask the stop token, use the reserved pad.
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        if PAD in tokenizer.get_vocab():
+            tokenizer.pad_token = PAD
+    if EOT in tokenizer.get_vocab():
+        tokenizer.eos_token = EOT
+
+
+@register("hf", optimizer=_default_optimizer)
+def load_hf(config: TrainConfig, model_path: str) -> Loaded:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    has_cuda = torch.cuda.is_available()
+    dtype = compute_dtype(config.dtype, has_cuda=has_cuda, bf16_supported=has_cuda and torch.cuda.is_bf16_supported())
+    kwargs = dict(dtype=_torch_dtype(dtype))
+    quantized = config.load_in_4bit and has_cuda
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_torch_dtype(dtype),
+        )
+        kwargs["device_map"] = {"": 0}
+    elif has_cuda:
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    _ensure_chat_template(tokenizer)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        use_rslora=config.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # LoRA A is drawn from the global RNG: seed it so the adapter's start is reproducible.
+    torch.manual_seed(config.seed)
+    model = get_peft_model(model, lora)
+    return Loaded(model, tokenizer, dtype, _device_name(), model_path)
+
+
+@register("unsloth", optimizer=_default_optimizer)
+def load_unsloth(config: TrainConfig, model_path: str) -> Loaded:
+    # Unsloth patches transformers/TRL on import, so it is imported here, first, and nowhere else.
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+
+    import torch
+
+    dtype = compute_dtype(config.dtype, has_cuda=True, bf16_supported=torch.cuda.is_bf16_supported())
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_path,
+        max_seq_length=config.max_seq_length,
+        dtype=_torch_dtype(dtype),
+        load_in_4bit=config.load_in_4bit,
+    )
+    _ensure_chat_template(tokenizer)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
+        random_state=config.seed,
+        use_rslora=config.use_rslora,
+        loftq_config=None,
+    )
+    return Loaded(model, tokenizer, dtype, _device_name(), model_path)
+
+
+def resolve_model_path(model_name: str, seed: int) -> str:
+    """The built-in tiny model is built on first use; anything else is passed through."""
+    if model_name.startswith("builtin:"):
+        from .tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(seed))
+    path = Path(model_name).expanduser()
+    return str(path) if path.is_dir() else model_name

@@ -1,0 +1,308 @@
+"""TrainConfig: every training setting, its default, its flag, and its validation.
+
+The defaults follow Unsloth's Llama-3.2 conversational notebook (LoRA r=16/alpha=16 on all linear
+projections, batch 2 x grad-accum 4, lr 2e-4, 5 warmup steps, linear schedule, seed 3407).
+Settings are layered: dataclass defaults < preset YAML (train/presets/) < --config FILE.yaml < flags.
+The CLI and the tests build the same object; `validate()` reports every problem at once, before any
+model or dataset is touched. Nothing here imports torch, transformers or unsloth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = Path(__file__).parent / "presets"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BACKENDS = ("auto", "unsloth", "hf")
+REPORT_TO = ("none", "tensorboard", "wandb")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMIZERS = ("auto", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: reported as one line per problem, exit code 2."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _field(default, help: str, **kwargs):
+    """A dataclass field whose help text becomes the flag's --help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # Model
+    model_name: str = _field(
+        "unsloth/Llama-3.2-1B-Instruct",
+        "Hub id or local folder of the base model; 'builtin:tiny-llama-3.2' is the offline test model",
+    )
+    backend: str = _field("auto", "auto = unsloth on a CUDA GPU when installed, else hf", choices=BACKENDS)
+    load_in_4bit: bool = _field(True, "load the base in 4-bit (bitsandbytes) on CUDA; ignored on CPU")
+    dtype: str = _field("auto", "compute dtype: auto = fp32 on CPU, bf16 on GPUs that have it, else fp16", choices=DTYPES)
+    gradient_checkpointing: bool = _field(True, "trade compute for memory (Unsloth's offloaded variant on unsloth)")
+
+    # Data
+    dataset: str = _field("mlabonne/FineTome-100k", "Hub dataset id, or a local .jsonl/.json/.parquet in FineTome's schema")
+    dataset_split: str = _field("train", "split to read from a Hub dataset")
+    max_samples: int | None = _field(None, "use at most this many training conversations (after filtering)")
+    min_score: float | None = _field(None, "drop conversations whose FineTome 'score' is below this")
+    eval_samples: int = _field(200, "conversations held out for evaluation (0 = no eval split)")
+    max_seq_length: int = _field(2048, "tokens per training sequence; longer conversations are truncated")
+
+    # LoRA
+    lora_r: int = _field(16, "LoRA rank: higher = more capacity, more VRAM")
+    lora_alpha: int = _field(16, "LoRA scale numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    lora_dropout: float = _field(0.0, "dropout on the LoRA input; 0 is what Unsloth optimises for")
+    use_rslora: bool = _field(False, "rank-stabilised LoRA scaling")
+    target_modules: list[str] = _field(list(LORA_TARGETS), "projections that get LoRA adapters")
+
+    # Optimisation
+    max_steps: int = _field(60, "optimizer steps to train for; -1 = --epochs passes over the data")
+    epochs: float = _field(1.0, "passes over the data when --max-steps is -1")
+    batch_size: int = _field(2, "sequences per device per forward pass")
+    grad_accum: int = _field(4, "forward passes per optimizer step (effective batch = batch x accum)")
+    learning_rate: float = _field(2e-4, "peak learning rate")
+    warmup_steps: int = _field(5, "linear warmup steps")
+    lr_scheduler: str = _field("linear", "learning-rate schedule", choices=SCHEDULERS)
+    weight_decay: float = _field(0.01, "AdamW weight decay")
+    optim: str = _field("auto", "optimizer: auto = adamw_8bit on CUDA, adamw_torch on CPU", choices=OPTIMIZERS)
+    seed: int = _field(3407, "seed for data order, LoRA init and the tiny model")
+
+    # Checkpoints, logging, outputs
+    output_dir: str = _field("outputs/llama-3.2-1b-finetome", "where checkpoints and the adapter go (a Drive folder on Colab)")
+    save_steps: int = _field(50, "save a checkpoint every N optimizer steps")
+    save_total_limit: int = _field(3, "keep at most N complete checkpoints (older ones are deleted)")
+    eval_steps: int | None = _field(None, "evaluate every N steps (default: --save-steps)")
+    logging_steps: int = _field(1, "log the loss every N steps")
+    resume: str = _field("auto", "auto = newest complete checkpoint, never, or a checkpoint folder")
+    overwrite: bool = _field(False, "with --resume never: delete existing checkpoints first")
+    report_to: str = _field("none", "experiment tracker", choices=REPORT_TO)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def problems(self) -> list[str]:
+        out: list[str] = []
+
+        def bad(flag: str, value: Any, allowed: str):
+            out.append(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
+
+        def at_least(name: str, low, allow_none: bool = False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or value < low:
+                bad(name, value, f"must be a number >= {low}")
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, getattr(self, f.name), f"choose one of: {', '.join(choices)}")
+        for name in ("max_seq_length", "lora_r", "lora_alpha", "batch_size", "grad_accum", "save_steps",
+                     "logging_steps"):
+            at_least(name, 1)
+        for name in ("eval_samples", "warmup_steps", "save_total_limit", "seed", "weight_decay"):
+            at_least(name, 0)
+        at_least("max_samples", 1, allow_none=True)
+        at_least("eval_steps", 1, allow_none=True)
+        if isinstance(self.max_seq_length, int) and self.max_seq_length < 64:
+            bad("max_seq_length", self.max_seq_length, "must be >= 64 (a chat turn needs room)")
+        if not (isinstance(self.max_steps, int) and (self.max_steps >= 1 or self.max_steps == -1)):
+            bad("max_steps", self.max_steps, "must be >= 1, or -1 to train for --epochs")
+        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            bad("epochs", self.epochs, "must be > 0")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1):
+            bad("learning_rate", self.learning_rate, "must be in (0, 1], e.g. 2e-4")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            bad("lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        if self.min_score is not None and not isinstance(self.min_score, (int, float)):
+            bad("min_score", self.min_score, "must be a number (FineTome scores lie between about 3 and 5.5)")
+        targets = self.target_modules if isinstance(self.target_modules, list) else [self.target_modules]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            bad("target_modules", ",".join(map(str, targets)), f"choose from: {', '.join(LORA_TARGETS)}")
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            bad("model_name", self.model_name, "give a Hub id like unsloth/Llama-3.2-1B-Instruct or a local folder")
+        elif not (self.model_name.startswith("builtin:") or HUB_ID.match(self.model_name)
+                  or Path(self.model_name).expanduser().is_dir()):
+            bad("model_name", self.model_name, "not a Hub id (owner/name), an existing folder, or builtin:tiny-llama-3.2")
+        elif self.model_name.startswith("builtin:") and self.model_name != "builtin:tiny-llama-3.2":
+            bad("model_name", self.model_name, "the only built-in model is builtin:tiny-llama-3.2")
+        out += self._dataset_problems()
+        if self.resume not in ("auto", "never") and not Path(self.resume).expanduser().is_dir():
+            bad("resume", self.resume, "use auto, never, or an existing checkpoint folder")
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            bad("output_dir", self.output_dir, "give a folder path")
+        elif Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            bad("output_dir", self.output_dir, "exists and is not a folder")
+        if self.report_to in ("tensorboard", "wandb"):
+            module = "tensorboard" if self.report_to == "tensorboard" else "wandb"
+            if importlib.util.find_spec(module) is None:
+                bad("report_to", self.report_to, f"needs the '{module}' package: pip install {module}")
+        return out
+
+    def _dataset_problems(self) -> list[str]:
+        value = self.dataset
+        if not isinstance(value, str) or not value.strip():
+            return [f"--dataset {value!r}: give a Hub id like mlabonne/FineTome-100k or a local .jsonl/.json/.parquet"]
+        path = resolve_local_path(value)
+        looks_local = path.suffix.lower() in DATA_SUFFIXES or path.exists() or value.startswith((".", "/", "~"))
+        if not looks_local:
+            if HUB_ID.match(value):
+                return []
+            return [f"--dataset {value!r}: not a Hub id (owner/name) or a local .jsonl/.json/.parquet file"]
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            return [f"--dataset {value!r}: local files must end in {', '.join(DATA_SUFFIXES)}"]
+        if not path.is_file():
+            return [f"--dataset {value!r}: file not found (checked {path})"]
+        return []
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def is_local_dataset(self) -> bool:
+        return resolve_local_path(self.dataset).is_file()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_local_path(value: str) -> Path:
+    """A relative path is looked up from the working directory, then from the repository root.
+
+    Presets name the shipped sample as `train/data/finetome_sample.jsonl`, which must work whether the
+    user runs from the repo root (the documented way) or from elsewhere.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    from_repo = REPO_ROOT / path
+    return from_repo if from_repo.exists() else path
+
+
+# ---------------------------------------------------------------------- presets and YAML
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"{what} {str(path)!r}: file not found"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{what} {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{what} {str(path)!r}: must be a mapping of field: value"])
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError([f"{what} {str(path)!r}: unknown field(s) {', '.join(unknown)}; "
+                           f"known fields: {', '.join(sorted(known))}"])
+    return data
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in available_presets():
+        raise ConfigError([f"--preset {name!r}: choose one of: {', '.join(available_presets())}"])
+    return read_yaml(PRESET_DIR / f"{name}.yaml", "preset")
+
+
+# ---------------------------------------------------------------------- command line
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        if text.lower() in ("none", "all", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises ConfigError so all mistakes come out the same way."""
+
+    def error(self, message):
+        raise ConfigError([message])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python train/run.py",
+        description="LoRA fine-tune Llama-3.2 1B/3B Instruct on FineTome-100k (Unsloth on CUDA, "
+        "transformers+PEFT+TRL anywhere). Interrupted runs resume from the newest complete checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", default="1b", help=f"starting settings: {', '.join(available_presets())}")
+    parser.add_argument("--config", type=Path, help="YAML file of field: value, applied over the preset")
+    hints = {f.name: f for f in fields(TrainConfig)}
+    defaults = TrainConfig.__dataclass_fields__
+    for name, f in hints.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata["help"]
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if kind == "bool":
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif kind == "int":
+            kwargs.update(type=int)
+        elif kind == "float":
+            kwargs.update(type=float)
+        elif kind == "int | None":
+            kwargs.update(type=_parse_optional(int))
+        elif kind == "float | None":
+            kwargs.update(type=_parse_optional(float))
+        elif kind == "list[str]":
+            kwargs.update(type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="A,B,...")
+        if f.metadata.get("choices"):
+            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        default = defaults[name].default
+        if default is dataclasses.MISSING:
+            default = defaults[name].default_factory()
+        kwargs["help"] = f"{help_text} (default: {default if not isinstance(default, list) else ','.join(default)})"
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags, layer preset < --config < flags, and validate everything at once."""
+    args = vars(build_parser().parse_args(argv))
+    preset = args.pop("preset")
+    config_file = args.pop("config")
+    values = load_preset(preset)
+    if config_file is not None:
+        values.update(read_yaml(config_file, "--config"))
+    values.update(args)
+    return TrainConfig(**values)

@@ -1,0 +1,337 @@
+"""One training run: resume decision, data, model, TRL SFTTrainer, outputs.
+
+Order matters for failing early and cheaply: the config is validated, the checkpoint to resume from is
+chosen and checked, and the data is read and cleaned before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from . import checkpoints
+from .backends import BACKENDS, cuda_available, resolve_model_path, select_backend, unsloth_installed
+from .checkpoints import ResumeError
+from .config import ConfigError, TrainConfig
+from .data import Prepared, prepare, read_rows, tokenize_all
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "unsloth",
+             "unsloth_zoo", "bitsandbytes")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def compat_info(config: TrainConfig) -> dict:
+    """What must match for a checkpoint to be resumable by this run."""
+    return {
+        "model_name": config.model_name,
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "target_modules": sorted(config.target_modules),
+    }
+
+
+def choose_checkpoint(config: TrainConfig, output_dir: Path) -> Path | None:
+    """Apply --resume auto|never|PATH (and --overwrite) to what is in the output folder."""
+    if config.resume == "never":
+        existing = checkpoints.list_checkpoints(output_dir)
+        if existing and not config.overwrite:
+            names = ", ".join(p.name for p in existing)
+            raise ResumeError(f"--resume never: {output_dir} already holds {names}; use --resume auto to "
+                              "continue, --overwrite to delete them and start over, or another --output-dir")
+        for path in existing:
+            shutil.rmtree(path)
+        return None
+    if config.resume == "auto":
+        chosen = checkpoints.find_resume_checkpoint(output_dir, warn=log)
+    else:
+        chosen = Path(config.resume).expanduser()
+        reason = checkpoints.verify(chosen)
+        if reason is not None:
+            raise ResumeError(f"--resume {config.resume}: not a complete checkpoint ({reason}); "
+                              "use --resume auto to pick the newest complete one")
+    if chosen is not None:
+        checkpoints.check_compatible(chosen, compat_info(config))
+    return chosen
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    found["python"] = platform.python_version()
+    return found
+
+
+def _peak_memory() -> dict[str, float]:
+    # ru_maxrss is in KiB on Linux.
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    import torch
+
+    if torch.cuda.is_available():
+        peak["peak_vram_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return peak
+
+
+def _callbacks(config: TrainConfig, output_dir: Path, total_steps: int):
+    """The progress bar and the checkpoint sealer, as transformers TrainerCallbacks."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One bar: step, loss, tokens/s, ETA (tqdm's). Replaces the Trainer's dict printing."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_time, self.start_step = time.perf_counter(), state.global_step
+            self.start_tokens = state.num_input_tokens_seen
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stdout)
+            self.postfix = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = time.perf_counter() - self.start_time
+            self.postfix["tok/s"] = f"{(state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9):.0f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                self.postfix["loss"] = f"{logs['loss']:.4f}"
+            if "eval_loss" in logs:
+                self.postfix["eval"] = f"{logs['eval_loss']:.4f}"
+                self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            self.bar.set_postfix(self.postfix)  # the Trainer logs after on_step_end: show this step's loss
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    class Sealer(TrainerCallback):
+        """After the Trainer has written checkpoint-N: seal it, then rotate old sealed ones."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            checkpoint = output_dir / f"checkpoint-{state.global_step}"
+            checkpoints.seal(checkpoint, {"compat": compat_info(config)})
+            removed = checkpoints.rotate(output_dir, config.save_total_limit)
+            note = f" (removed {', '.join(p.name for p in removed)})" if removed else ""
+            tqdm.write(f"saved {checkpoint}{note}", file=sys.stdout)
+
+    return [Progress(), Sealer()]
+
+
+def _training_arguments(config: TrainConfig, output_dir: Path, backend_optimizer: str, dtype: str, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        optim=backend_optimizer,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=None,  # rotation is ours: it never deletes the last sealed checkpoint too early
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps or config.save_steps,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        fp16=dtype == "fp16",
+        bf16=dtype == "bf16",
+        max_length=config.max_seq_length,
+        packing=False,
+        dataset_num_proc=None,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,  # our Progress callback draws the bar
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda_available(),  # pinning needs an accelerator; on CPU it only warns
+        gradient_checkpointing=False,  # the backend already set it up on the model
+        save_only_model=False,
+    )
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer, able to run where TRL's Triton loss kernels cannot (on CPU).
+
+    TRL 1.15's SFTTrainer always computes the loss through a fused LM head whose kernels are Triton, which
+    needs a GPU; on CPU it fails with `'NoneType' object has no attribute 'apply'`. There, the loss is the
+    model's own causal-LM cross-entropy over the same labels (what TRL's fused head computes, without its
+    entropy/accuracy metrics). On CUDA, TRL's path runs unchanged.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    class PipelineSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            kernels_usable = trl_utils._ChunkedLogProbFunction is not None and self.args.device.type in ("cuda", "xpu")
+            if kernels_usable:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PipelineSFTTrainer
+
+
+def save_adapter(model, tokenizer, output_dir: Path) -> Path:
+    """Write <output>/adapter atomically: to a temporary folder, then swapped in."""
+    final = output_dir / "adapter"
+    staging = output_dir / f".adapter.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    previous = output_dir / f".adapter.old-{os.getpid()}"
+    if final.exists():
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        axis.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evaluation:
+        axis.plot(*zip(*evaluation), "o-", label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy (assistant tokens)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+def run(config: TrainConfig) -> dict:
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir).expanduser()
+    backend_name = select_backend(config.backend, has_cuda=cuda_available(), has_unsloth=unsloth_installed())
+    backend = BACKENDS[backend_name]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = choose_checkpoint(config, output_dir)
+
+    prepared: Prepared = prepare(
+        read_rows(config.dataset, config.dataset_split),
+        seed=config.seed, eval_samples=config.eval_samples,
+        max_samples=config.max_samples, min_score=config.min_score,
+    )
+    for line in prepared.summary():
+        log(line)
+
+    model_path = resolve_model_path(config.model_name, config.seed)
+    log(f"model: loading {model_path} with the {backend_name} backend")
+    loaded = backend.load(config, model_path)
+    log(f"model: {loaded.device}, {loaded.dtype}")
+
+    train_examples, truncated, dropped = tokenize_all(prepared.train, loaded.tokenizer, config.max_seq_length)
+    eval_examples, _, _ = tokenize_all(prepared.eval, loaded.tokenizer, config.max_seq_length)
+    if truncated or dropped:
+        log(f"data: {truncated} conversations longer than --max-seq-length {config.max_seq_length} truncated, "
+            f"{dropped} of them dropped (no assistant token left)")
+    if not train_examples:
+        raise ConfigError([f"--max-seq-length {config.max_seq_length}: every conversation lost all its "
+                           "assistant tokens to truncation; raise it"])
+
+    import datasets
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+
+    datasets.disable_progress_bars()  # TRL's per-split map() bars would bury our one progress bar
+    train_dataset = Dataset.from_list(train_examples)
+    eval_dataset = Dataset.from_list(eval_examples) if eval_examples else None
+    arguments = _training_arguments(config, output_dir, backend.optimizer(config), loaded.dtype, eval_dataset is not None)
+    trainer = sft_trainer_class()(
+        model=loaded.model,
+        args=arguments,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=loaded.tokenizer,
+        callbacks=_callbacks(config, output_dir, config.max_steps),
+    )
+    trainer.remove_callback(PrinterCallback)
+    if resume_from is not None:
+        log(f"resume: continuing from {resume_from}")
+    train_started = time.perf_counter()
+    tokens_before = 0
+    if resume_from is not None:
+        tokens_before = json.loads((resume_from / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - train_started
+
+    adapter = save_adapter(loaded.model, loaded.tokenizer, output_dir)
+    state = trainer.state
+    history = state.log_history
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]
+    eval_losses = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
+    tokens_this_run = state.num_input_tokens_seen - tokens_before
+    summary = {
+        "config": config.to_dict(),
+        "backend": backend_name,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "base_model": loaded.base_path,
+        "versions": _versions(),
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "train_loss": losses[-1]["loss"] if losses else None,
+        "eval_loss": eval_losses[-1]["eval_loss"] if eval_losses else None,
+        "losses": losses,
+        "eval_losses": eval_losses,
+        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_this_run": tokens_this_run,
+        "tokens_per_second": round(tokens_this_run / train_seconds, 1) if train_seconds > 0 else None,
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "data": {"rows": prepared.total_rows, "train": len(train_examples), "eval": len(eval_examples),
+                 "skipped": len(prepared.skipped), "below_min_score": prepared.below_min_score,
+                 "truncated": truncated, "dropped": dropped},
+        "adapter": str(adapter),
+        "train_metrics": result.metrics,
+        **_peak_memory(),
+    }
+    write_json(output_dir / "run.json", summary)
+    plot_losses(history, output_dir / "loss.png")
+    log(f"done: {state.global_step} steps, train loss {summary['train_loss']}, eval loss {summary['eval_loss']}, "
+        f"{summary['tokens_per_second']} tokens/s")
+    log(f"adapter: {adapter}")
+    log(f"run summary: {output_dir / 'run.json'}, loss curve: {output_dir / 'loss.png'}")
+    return summary
