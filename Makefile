@@ -1,0 +1,27 @@
+# The two commands of the README. Each creates/updates the virtualenv at .venv and installs what it needs.
+#   make test   run the test suite (offline, CPU)
+#   make demo   run the pipeline offline on the tiny model
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv clean
+
+# Reinstall only when a requirements file changed since the last install.
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) train/run.py --preset tiny --output-dir outputs/demo --max-steps 6 --save-steps 2
+	@echo "demo: trained the tiny preset (export and the Space join the demo in later stages)"
+
+clean:
+	rm -rf $(VENV) outputs
