@@ -262,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python train/run.py",
         description="LoRA fine-tune Llama-3.2 1B/3B Instruct on FineTome-100k (Unsloth on CUDA, "
-        "transformers+PEFT+TRL anywhere). Interrupted runs resume from the newest complete checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "transformers+PEFT+TRL anywhere). Interrupted runs resume from the newest complete checkpoint. "
+        "Defaults shown are the built-in values: the preset overrides them, then --config, then flags.",
     )
-    parser.add_argument("--preset", default="1b", help=f"starting settings: {', '.join(available_presets())}")
+    parser.add_argument("--preset", default="1b",
+                        help=f"starting settings: {', '.join(available_presets())} (default: 1b)")
     parser.add_argument("--config", type=Path, help="YAML file of field: value, applied over the preset")
     hints = {f.name: f for f in fields(TrainConfig)}
     defaults = TrainConfig.__dataclass_fields__
