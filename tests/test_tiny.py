@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train.tiny import TINY_CONFIG, meta_tokenizer
+from train.tiny import meta_tokenizer
 
 CORPUS = [
     "Hello, world! This is a plain English sentence.",

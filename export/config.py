@@ -1,0 +1,112 @@
+"""ExportConfig: every export setting, its flag, and its validation (all problems at once, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .gguf import QUANT_TYPES
+
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+MERGE_DTYPES = ("float16", "bfloat16")
+
+
+class UsageError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class ExportConfig:
+    adapter: str
+    base: str | None = None
+    quant: list[str] = field(default_factory=lambda: ["q4_k_m"])
+    out: str | None = None
+    name: str | None = None
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+    push_merged: bool = False
+    merged_repo_id: str | None = None
+    keep_f16: bool = False
+    force: bool = False
+    llama_cpp_dir: str | None = None
+    merge_dtype: str = "float16"
+    threads: int | None = None
+
+    def __post_init__(self):
+        self.quant = [q.lower() for q in self.quant]
+        problems = []
+        unknown = [q for q in self.quant if q not in QUANT_TYPES]
+        if unknown or not self.quant:
+            problems.append(f"--quant {' '.join(unknown) or '(none)'}: unknown quant type; choose from: "
+                            f"{', '.join(QUANT_TYPES)}")
+        adapter = Path(self.adapter).expanduser()
+        if not adapter.is_dir():
+            problems.append(f"--adapter {self.adapter!r}: folder not found; give the adapter/ folder a training run "
+                            "wrote (e.g. outputs/tiny/adapter)")
+        elif not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+            problems.append(f"--adapter {self.adapter!r}: incomplete adapter (needs adapter_config.json and "
+                            "adapter_model.safetensors); rerun training to finish it")
+        if self.push and not self.repo_id:
+            problems.append("--push: needs --repo-id USER/NAME")
+        for flag, value in (("--repo-id", self.repo_id), ("--merged-repo-id", self.merged_repo_id)):
+            if value is not None and not HUB_REPO.match(value):
+                problems.append(f"{flag} {value!r}: must look like USER/NAME (letters, digits, '-', '_', '.')")
+        if self.push_merged and not self.push:
+            problems.append("--push-merged: only together with --push")
+        if self.merge_dtype not in MERGE_DTYPES:
+            problems.append(f"--merge-dtype {self.merge_dtype!r}: choose one of: {', '.join(MERGE_DTYPES)}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads}: must be >= 1")
+        if self.name is not None and not re.match(r"^[A-Za-z0-9][\w.-]*$", self.name):
+            problems.append(f"--name {self.name!r}: use letters, digits, '-', '_' and '.' (it names the files)")
+        if problems:
+            raise UsageError(problems)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return Path(self.adapter).expanduser()
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out).expanduser()
+        return self.adapter_dir.parent / "gguf"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError([message])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python export/to_gguf.py",
+        description="Merge a LoRA adapter into its 16-bit base, convert to GGUF with llama.cpp's own converter, "
+        "quantize through llama-cpp-python, verify the result, and optionally push it with a model card.",
+    )
+    parser.add_argument("--adapter", required=True, help="the adapter/ folder a training run wrote")
+    parser.add_argument("--base", help="base model (Hub id or folder); default: the adapter's own base, 16-bit")
+    parser.add_argument("--quant", nargs="+", default=["q4_k_m"], metavar="TYPE",
+                        help=f"one or more of: {', '.join(QUANT_TYPES)} (default: q4_k_m)")
+    parser.add_argument("--out", help="output folder (default: next to the adapter, gguf/)")
+    parser.add_argument("--name", help="model name used in file names (default: <base name>-FineTome)")
+    parser.add_argument("--push", action="store_true", help="upload the GGUF file(s) and model card to the Hub")
+    parser.add_argument("--repo-id", help="Hub model repo for --push, USER/NAME")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo(s) private")
+    parser.add_argument("--push-merged", action="store_true", help="also upload merged-16bit/ to its own repo")
+    parser.add_argument("--merged-repo-id", help="repo for --push-merged (default: derived from --repo-id)")
+    parser.add_argument("--keep-f16", action="store_true", help="keep the intermediate F16 GGUF")
+    parser.add_argument("--force", action="store_true", help="redo every stage even if its output is complete")
+    parser.add_argument("--llama-cpp-dir", help="a llama.cpp checkout whose converter to use instead")
+    parser.add_argument("--merge-dtype", default="float16", help="merged weights: float16 (default) or bfloat16")
+    parser.add_argument("--threads", type=int, help="quantization threads (default: usable CPUs)")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> ExportConfig:
+    return ExportConfig(**vars(build_parser().parse_args(argv)))

@@ -1,0 +1,234 @@
+"""llama.cpp's own tools, without compiling or cloning anything.
+
+- Conversion: `convert_hf_to_gguf.py` (with its `conversion/` and `gguf-py/` packages) taken from the source
+  archive of the *installed* llama-cpp-python on PyPI (`vendor/llama.cpp/`), so the GGUF format always matches the
+  runtime that will load it. Fetched once with pip into a cache; `--llama-cpp-dir` points at another checkout.
+- Quantization: `llama_cpp.llama_model_quantize` from the library llama-cpp-python already loads.
+
+Every file is written under a temporary name in its final folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .errors import ExportError
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str  # as users type it: q4_k_m
+    suffix: str  # as llama.cpp names files: Q4_K_M
+    ftype: str  # llama_cpp constant holding llama.cpp's file type
+
+
+QUANT_TYPES = {
+    q.name: q
+    for q in (
+        QuantType("f16", "F16", "LLAMA_FTYPE_MOSTLY_F16"),
+        QuantType("bf16", "BF16", "LLAMA_FTYPE_MOSTLY_BF16"),
+        QuantType("q8_0", "Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+        QuantType("q6_k", "Q6_K", "LLAMA_FTYPE_MOSTLY_Q6_K"),
+        QuantType("q5_k_m", "Q5_K_M", "LLAMA_FTYPE_MOSTLY_Q5_K_M"),
+        QuantType("q4_k_m", "Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+    )
+}
+
+
+def quant_type(name: str) -> QuantType:
+    """
+    >>> quant_type("Q4_K_M").suffix
+    'Q4_K_M'
+    """
+    key = name.lower()
+    if key not in QUANT_TYPES:
+        raise ExportError(f"--quant {name!r}: unknown quant type; choose from: {', '.join(QUANT_TYPES)}")
+    return QUANT_TYPES[key]
+
+
+def gguf_file_name(model_name: str, quant: str) -> str:
+    """llama.cpp's naming convention.
+
+    >>> gguf_file_name("Llama-3.2-1B-Instruct-FineTome", "q4_k_m")
+    'Llama-3.2-1B-Instruct-FineTome-Q4_K_M.gguf'
+    """
+    return f"{model_name}-{quant_type(quant).suffix}.gguf"
+
+
+def ftype_value(quant: str) -> int:
+    import llama_cpp
+
+    return int(getattr(llama_cpp, quant_type(quant).ftype))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def temporary_path(final: Path) -> Path:
+    """Where a file is written before it is complete: same folder (so the rename is atomic), hidden name."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files a killed run left behind (their pid is gone)."""
+    removed = []
+    for path in folder.glob(".*.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() or pid == str(os.getpid()):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------- the converter
+def llama_cpp_version() -> str:
+    try:
+        return metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        raise ExportError("llama-cpp-python is not installed; pip install -r requirements-dev.txt") from None
+
+
+def converter_cache_dir() -> Path:
+    root = Path(os.environ.get("FINETOME_CACHE", Path.home() / ".cache" / "finetome-pipeline"))
+    return root / f"llama.cpp-converter-{llama_cpp_version()}"
+
+
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+def is_converter_dir(folder: Path) -> bool:
+    return all((folder / part).exists() for part in CONVERTER_PARTS)
+
+
+def ensure_converter(llama_cpp_dir: Path | None = None, log=print) -> Path:
+    """The folder holding convert_hf_to_gguf.py of the installed llama-cpp-python's llama.cpp release."""
+    if llama_cpp_dir is not None:
+        folder = Path(llama_cpp_dir).expanduser()
+        if not is_converter_dir(folder):
+            raise ExportError(f"--llama-cpp-dir {str(folder)!r}: no convert_hf_to_gguf.py with conversion/ and "
+                              "gguf-py/ there; point it at a llama.cpp checkout")
+        return folder
+    target = converter_cache_dir()
+    if is_converter_dir(target):
+        return target
+    version = llama_cpp_version()
+    log(f"convert: fetching llama.cpp's converter from llama-cpp-python {version}'s source archive (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".converter-download-") as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                   "--dest", scratch, f"llama-cpp-python=={version}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        archives = list(Path(scratch).glob("llama_cpp_python-*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            last = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
+            raise ExportError(f"could not download llama-cpp-python=={version}'s source archive ({last}); "
+                              "check the network or pass --llama-cpp-dir pointing at a llama.cpp checkout")
+        staging = Path(scratch) / "converter"
+        _extract_converter(archives[0], staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not is_converter_dir(target):
+                raise
+    return target
+
+
+def _extract_converter(archive: Path, destination: Path) -> None:
+    wanted = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_hf_to_gguf\.py|conversion/.*|gguf-py/.*)$")
+    destination.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            match = wanted.match(member.name)
+            if not match or not (member.isfile() or member.isdir()):
+                continue
+            member.name = match.group(1)
+            tar.extract(member, destination, filter="data")
+    if not is_converter_dir(destination):
+        raise ExportError(f"{archive.name} has no vendor/llama.cpp/convert_hf_to_gguf.py; "
+                          "pass --llama-cpp-dir pointing at a llama.cpp checkout")
+
+
+def convert_to_gguf(merged_dir: Path, out_file: Path, converter: Path, model_name: str, outtype: str = "f16",
+                    log=print) -> Path:
+    """Run llama.cpp's converter on a Hugging Face model folder; atomic."""
+    temporary = temporary_path(out_file)
+    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(merged_dir), "--outfile", str(temporary),
+               "--outtype", outtype, "--model-name", model_name]
+    env = {**os.environ}
+    env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py, matching the runtime
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+    for line in process.stdout:
+        tail = (tail + [line.rstrip()])[-20:]  # kept for the error message; the converter is chatty
+    if process.wait() != 0:
+        temporary.unlink(missing_ok=True)
+        error = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
+        raise ExportError(f"llama.cpp's converter failed on {merged_dir}: {error.strip()}")
+    os.replace(temporary, out_file)
+    log(f"convert: wrote {out_file.name} ({out_file.stat().st_size / 2**20:.1f} MiB) in "
+        f"{time.perf_counter() - started:.1f} s")
+    return out_file
+
+
+# ---------------------------------------------------------------------- quantization
+_PROGRESS = re.compile(rb"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
+
+
+def quantize(source: Path, out_file: Path, quant: str, threads: int | None = None, progress: bool = True) -> Path:
+    """Quantize a GGUF through llama.cpp's library (no compiled tool); atomic; a progress bar over tensors.
+
+    llama.cpp logs one `[ i/ n] tensor-name ...` line per tensor while quantizing: the bar follows those lines.
+    """
+    import llama_cpp
+    from tqdm.auto import tqdm
+
+    temporary = temporary_path(out_file)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_value(quant)
+    params.nthread = threads or usable_cpus()
+    bar = tqdm(desc=f"quantize {quant_type(quant).suffix}", unit="tensor", disable=not progress, file=sys.stdout)
+    lock = threading.Lock()
+
+    @llama_cpp.llama_log_callback
+    def on_log(level, text, user_data):
+        match = _PROGRESS.search(text or b"")
+        if match:
+            with lock:
+                bar.total = int(match.group(2))
+                bar.update(int(match.group(1)) - bar.n)
+
+    from llama_cpp import _logger
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))  # llama-cpp-python's own again
+        bar.close()
+    if status != 0 or not temporary.exists():
+        temporary.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp could not quantize {source.name} to {quant} (status {status}); "
+                          "is the input a complete GGUF file?")
+    os.replace(temporary, out_file)
+    return out_file

@@ -1,0 +1,152 @@
+"""Push an export to the Hugging Face Hub: the GGUF files and their model card in one commit, and optionally the
+merged 16-bit model to a repo of its own.
+
+    HF_TOKEN=hf_... python export/to_gguf.py ... --push
+
+The token is read by `resolve_token` and handed only to `HfApi(token=...)`; nothing here prints, logs, stores or
+puts it in a message. Hub failures become one-line `ExportError`s naming the repo and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from huggingface_hub import CommitOperationAdd, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.utils import validate_repo_id as check_hub_repo_id
+
+from export.errors import ExportError
+
+NO_TOKEN = "--push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`"
+GGUF_SUFFIX = "-GGUF"
+MERGED_SUFFIX = "-merged-16bit"
+# Never uploaded from the merged folder: files written under a temporary name and renamed when complete, and the
+# export's own bookkeeping (manifests). upload_folder matches these globs against paths relative to the folder.
+MERGED_IGNORE_PATTERNS = ["*.tmp", "*.tmp/*", "*.partial", "*.lock", "*manifest.json"]
+# The fix for the HTTP statuses a push typically meets; others get the Hub's own message.
+HTTP_FIXES = {
+    401: "the Hub did not accept the token: set a valid HF_TOKEN or run `hf auth login` again",
+    403: "the token may not create or write this repo: use a token with write access to its namespace",
+    429: "the Hub is rate-limiting this account: wait a few minutes and push again",
+}
+
+
+def resolve_token(env: Mapping[str, str] = os.environ) -> str:
+    """HF_TOKEN from the environment, else the token saved by `hf auth login`."""
+    token = env.get("HF_TOKEN", "").strip() or get_token()
+    if not token:
+        raise ExportError(NO_TOKEN)
+    return token
+
+
+def validate_repo_id(value: str, flag: str) -> str:
+    """A model repo id as "user/name" with the characters the Hub allows; the flag names the option in errors.
+
+    >>> validate_repo_id("alice/Llama-3.2-1B-Instruct-FineTome-GGUF", "--repo-id")
+    'alice/Llama-3.2-1B-Instruct-FineTome-GGUF'
+    >>> validate_repo_id("finetome-GGUF", "--repo-id")
+    Traceback (most recent call last):
+    export.errors.ExportError: --repo-id 'finetome-GGUF': expected USER/NAME (a user or organization, then the repo)
+    """
+    if value.count("/") != 1:
+        raise ExportError(f"{flag} {value!r}: expected USER/NAME (a user or organization, then the repo)")
+    try:
+        check_hub_repo_id(value)
+    except HFValidationError as error:
+        raise ExportError(f"{flag} {value!r}: use only letters, digits, '-', '_' and '.', not at the start or end "
+                          "of either part, no '--' or '..', at most 96 characters each, no '.git' ending") from error
+    return value
+
+
+def merged_repo_id_for(repo_id: str) -> str:
+    """Where the merged 16-bit model goes next to a GGUF repo: the GGUF repo's id with a trailing "-GGUF" (any case)
+    dropped, the common naming on the Hub (X for the weights, X-GGUF for the quants); otherwise with
+    "-merged-16bit" appended, so the two repos never collide.
+
+    >>> merged_repo_id_for("alice/Llama-3.2-1B-Instruct-FineTome-GGUF")
+    'alice/Llama-3.2-1B-Instruct-FineTome'
+    >>> merged_repo_id_for("alice/finetome-1b")
+    'alice/finetome-1b-merged-16bit'
+    """
+    if repo_id.upper().endswith(GGUF_SUFFIX):
+        return repo_id[: -len(GGUF_SUFFIX)]
+    return repo_id + MERGED_SUFFIX
+
+
+def _check_local_inputs(files: list[Path], merged_dir: Path | None) -> None:
+    """Everything that can be checked before the first request, all problems at once."""
+    problems = [f"{path} is not a file" for path in files if not path.is_file()]
+    names = [path.name for path in files]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        problems.append(f"two files would have the same name in the repo: {', '.join(duplicates)}")
+    if "README.md" in names:
+        problems.append("README.md is written from the model card; leave it out of the files")
+    if merged_dir is not None and not merged_dir.is_dir():
+        problems.append(f"merged model folder {merged_dir} does not exist")
+    if not files:
+        problems.append("no GGUF file to push")
+    if problems:
+        raise ExportError("cannot push: " + "; ".join(problems))
+
+
+def _one_line(text: str, token: str | None) -> str:
+    """The Hub's text as one line, with the token masked in case something on the way echoed it."""
+    text = " ".join(text.split())
+    return text.replace(token, "***") if token else text
+
+
+@contextmanager
+def _hub_errors(repo_id: str, token: str | None):
+    """Turn the Hub's and the network's exceptions into one-line ExportErrors naming the repo, never the token."""
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        fix = HTTP_FIXES.get(status) or _one_line(error.server_message or "no message from the Hub", token)
+        raise ExportError(f"pushing to {repo_id} failed (HTTP {status}): {fix}") from error
+    except (httpx.HTTPError, OfflineModeIsEnabled) as error:
+        raise ExportError(f"pushing to {repo_id} failed: cannot reach the Hugging Face Hub ({type(error).__name__}); "
+                          "check the network and that HF_HUB_OFFLINE is not set, then push again") from error
+
+
+def push_export(client, repo_id: str, files: list[Path], card: str, private: bool, merged_dir: Path | None = None,
+                merged_repo_id: str | None = None) -> dict:
+    """Create `repo_id` if needed and commit `files` (under their own names) plus README.md (the card) in one commit.
+
+    client has HfApi's interface: HfApi(token=resolve_token()) in real use. `private` applies when a repo is created;
+    an existing repo keeps its visibility. With `merged_dir`, the merged 16-bit model is uploaded to
+    `merged_repo_id` (default: `merged_repo_id_for(repo_id)`). Returns {"repo_url", "merged_repo_url" (or None)}.
+    """
+    files = [Path(path) for path in files]
+    merged_dir = Path(merged_dir) if merged_dir is not None else None
+    _check_local_inputs(files, merged_dir)
+    if merged_dir is not None:
+        if merged_repo_id is None:
+            merged_repo_id = validate_repo_id(merged_repo_id_for(repo_id), f"the merged repo id derived from {repo_id}")
+        if merged_repo_id == repo_id:
+            raise ExportError(f"the merged model and the GGUF files would both go to {repo_id}: "
+                              "choose a different merged repo id")
+    # HfApi keeps its token in .token; used only to mask it should the Hub's text ever contain it.
+    token = getattr(client, "token", None)
+
+    names = [path.name for path in files]
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=path) for path in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    with _hub_errors(repo_id, token):
+        repo_url = client.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        client.create_commit(repo_id, operations, commit_message=f"Upload {', '.join(names)} and README.md",
+                             repo_type="model")
+
+    merged_repo_url = None
+    if merged_dir is not None:
+        with _hub_errors(merged_repo_id, token):
+            merged_repo_url = client.create_repo(merged_repo_id, repo_type="model", private=private, exist_ok=True)
+            client.upload_folder(repo_id=merged_repo_id, folder_path=merged_dir, repo_type="model",
+                                 commit_message=f"Upload the merged 16-bit model behind {repo_id}",
+                                 ignore_patterns=MERGED_IGNORE_PATTERNS)
+    return {"repo_url": str(repo_url), "merged_repo_url": str(merged_repo_url) if merged_repo_url else None}

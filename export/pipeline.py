@@ -1,0 +1,298 @@
+"""The export run: merge -> F16 GGUF -> quantize -> verify -> report + model card -> push.
+
+Each stage skips itself when its output is already complete (`--force` redoes it); every file is written under a
+temporary name and renamed when complete; the report is written only when every check has run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import gguf, verify
+from .config import ExportConfig
+from .errors import ExportError
+
+MERGED = "merged-16bit"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def read_run_json(adapter_dir: Path) -> dict | None:
+    """The training run's summary, next to its adapter (None when exported from elsewhere)."""
+    path = adapter_dir.parent / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_base(config: ExportConfig, run: dict | None) -> tuple[str, Path]:
+    """(the base's name for the card, a local folder holding its 16-bit safetensors)."""
+    from .merge import base_model_name, to_16bit_name
+
+    name = to_16bit_name(config.base) if config.base else base_model_name(config.adapter_dir)
+    builtin = (run or {}).get("config", {}).get("model_name", "")
+    if builtin.startswith("builtin:") and not config.base:
+        # The offline tiny model: rebuilt (deterministically) if its cache folder was removed.
+        from train.tiny import ensure_tiny_model
+
+        return builtin, ensure_tiny_model(run["config"].get("seed", 3407))
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return name, local
+    if local.is_absolute() or name.startswith((".", "~")):
+        raise ExportError(f"base model folder {name!r} not found; pass --base with the base model's folder or Hub id")
+    from huggingface_hub import snapshot_download
+
+    log(f"base: downloading {name} (safetensors, config, tokenizer) from the Hub")
+    try:
+        folder = snapshot_download(name, allow_patterns=["*.safetensors", "*.json", "*.jinja", "tokenizer*"])
+    except Exception as e:  # offline, gated, missing: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"could not download base model {name!r} from the Hub ({first}); "
+                          "log in with `hf auth login` for gated models, or pass --base with a local folder") from e
+    return name, Path(folder)
+
+
+def default_name(base_name: str) -> str:
+    """File-name stem: `<base>-FineTome`.
+
+    >>> default_name("unsloth/Llama-3.2-1B-Instruct")
+    'Llama-3.2-1B-Instruct-FineTome'
+    >>> default_name("builtin:tiny-llama-3.2")
+    'Tiny-Llama-3.2-FineTome'
+    """
+    if base_name.startswith("builtin:"):
+        return "Tiny-Llama-3.2-FineTome"
+    return f"{Path(base_name.rstrip('/')).name}-FineTome"
+
+
+def check_disk(out_dir: Path, base_dir: Path, quants: list[str]) -> None:
+    """Merged 16-bit copy + F16 GGUF + each quant (at most ~0.55 of F16 each), with a 10% margin."""
+    base_bytes = _folder_bytes(base_dir)
+    sixteen_bit = base_bytes // 2 if _is_fp32(base_dir) else base_bytes
+    need = int((2 * sixteen_bit + sum(0.55 * sixteen_bit for q in quants if q not in ("f16", "bf16"))) * 1.1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise ExportError(f"not enough disk in {out_dir}: about {need / 2**30:.1f} GiB needed, "
+                          f"{free / 2**30:.1f} GiB free; free some space or choose another --out")
+
+
+def _is_fp32(base_dir: Path) -> bool:
+    try:
+        config = json.loads((base_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return config.get("dtype", config.get("torch_dtype")) == "float32"
+
+
+def _file_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _report_is_current(report_path: Path, files: list[Path], adapter_sha: str) -> dict | None:
+    """The previous report, when it covers exactly these files, unchanged, for this adapter, and all passed."""
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    stamps = report.get("file_stamps", {})
+    current = all(f.exists() and stamps.get(f.name) == _file_stamp(f) for f in files)
+    if current and set(stamps) == {f.name for f in files} and report.get("adapter_sha256") == adapter_sha \
+            and report.get("passed"):
+        return report
+    return None
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = gguf.temporary_path(path)
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def run(config: ExportConfig, client=None) -> dict:
+    """The whole export. `client` is an HfApi-like object for --push (tests inject a recorder)."""
+    started = time.perf_counter()
+    token = None
+    if config.push:
+        from .hub import resolve_token
+
+        token = resolve_token()  # checked before any work; never printed
+    out_dir = config.out_dir
+    run_info = read_run_json(config.adapter_dir)
+    base_name, base_dir = resolve_base(config, run_info)
+    name = config.name or default_name(base_name)
+    quants = list(dict.fromkeys(config.quant))  # de-duplicated, in order
+    check_disk(out_dir, base_dir, quants)
+    for stale in gguf.remove_stale_temporaries(out_dir):
+        log(f"cleanup: removed {stale.name} left by an interrupted run")
+    adapter_sha = _sha256(config.adapter_dir / "adapter_model.safetensors")
+    outputs = [out_dir / gguf.gguf_file_name(name, q) for q in quants]
+    report_path = out_dir / "report.json"
+
+    report = None if config.force else _report_is_current(report_path, outputs, adapter_sha)
+    if report is not None:
+        log(f"export: {', '.join(p.name for p in outputs)} are complete and verified (report.json); "
+            "nothing to do (--force redoes everything)")
+    else:
+        report = _build(config, run_info, base_name, base_dir, name, quants, outputs, adapter_sha)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        _write_atomic(report_path, json.dumps(report, indent=2))
+
+    from .card import render_model_card
+
+    card = render_model_card({"name": name, "repo_id": config.repo_id, "base_model": base_name,
+                              "files": report["files"], "run": run_info, "report": report, "space_url": None})
+    _write_atomic(out_dir / "README.md", card)
+    if not report["passed"]:
+        failed = [c["name"] for c in report["checks"] if not c["passed"]]
+        raise ExportError(f"verification failed ({'; '.join(failed)}); see {report_path}")
+
+    log("")
+    for p in outputs:
+        log(f"export: {p} ({_size(p)})")
+    log(f"export: report {report_path}, model card {out_dir / 'README.md'}, merged model {out_dir / MERGED}")
+    log(f"export: f16 vs merged top-1 {report['logits_f16_vs_merged']['top1_agreement']:.2%}; " + "; ".join(
+        f"{q} KLD {s['kld_mean']:.5f}, top-1 {s['top1_agreement']:.2%}" for q, s in report["quantization"].items()))
+
+    if config.push:
+        from huggingface_hub import HfApi
+
+        from .hub import push_export
+
+        urls = push_export(client or HfApi(token=token), config.repo_id, outputs, card, config.private,
+                           merged_dir=out_dir / MERGED if config.push_merged else None,
+                           merged_repo_id=config.merged_repo_id)
+        report["pushed"] = urls
+        _write_atomic(report_path, json.dumps(report, indent=2))
+        log(f"push: {urls}")
+    return report
+
+
+def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir: Path, name: str,
+           quants: list[str], outputs: list[Path], adapter_sha: str) -> dict:
+    """Merge, convert, quantize and verify; returns the report (the caller writes it)."""
+    out_dir = config.out_dir
+
+    # 1. merge
+    from .merge import MANIFEST, merge_lora_streaming, merged_is_complete
+
+    merged = out_dir / MERGED
+    merged_ok = not config.force and merged_is_complete(merged) and \
+        json.loads((merged / MANIFEST).read_text()).get("adapter_sha256") == adapter_sha
+    if merged_ok:
+        log(f"merge: {merged} is complete, skipping")
+    else:
+        log(f"merge: {base_name} + {config.adapter_dir} -> {merged} ({config.merge_dtype}, streaming)")
+        merge_lora_streaming(base_dir, config.adapter_dir, merged, dtype=config.merge_dtype)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+
+    # 2. F16 GGUF (the conversion target every quant starts from)
+    f16 = out_dir / gguf.gguf_file_name(name, "f16")
+    # Outputs made from an earlier merge are reused only while that merge is still the current one.
+    if f16.exists() and merged_ok and all(c.passed for c in verify.check_metadata(f16, "f16", tokenizer)):
+        log(f"convert: {f16.name} is complete, skipping")
+    else:
+        converter = gguf.ensure_converter(Path(config.llama_cpp_dir) if config.llama_cpp_dir else None, log=log)
+        log(f"convert: {merged} -> {f16.name} with llama.cpp's convert_hf_to_gguf.py ({converter})")
+        gguf.convert_to_gguf(merged, f16, converter, name, "f16", log=log)
+
+    # 3. quantize
+    for quant, output in zip(quants, outputs):
+        if quant == "f16":
+            continue
+        if output.exists() and merged_ok and all(c.passed for c in verify.check_metadata(output, quant, tokenizer)):
+            log(f"quantize: {output.name} is complete, skipping")
+            continue
+        if quant == "bf16":
+            converter = gguf.ensure_converter(Path(config.llama_cpp_dir) if config.llama_cpp_dir else None, log=log)
+            gguf.convert_to_gguf(merged, output, converter, name, "bf16", log=log)
+            continue
+        threads = config.threads or gguf.usable_cpus()
+        log(f"quantize: {f16.name} -> {output.name} ({threads} threads)")
+        quant_started = time.perf_counter()
+        gguf.quantize(f16, output, quant, threads=threads)
+        log(f"quantize: wrote {output.name} ({_size(output)}) in {time.perf_counter() - quant_started:.1f} s")
+
+    # 4. verify
+    log("verify: metadata, tokenizer, chat template, logits, quantization error, chat")
+    checks: list[verify.Check] = []
+    for quant, output in zip(quants, outputs):
+        checks += verify.check_metadata(output, quant, tokenizer)
+    checks.append(verify.check_tokenizer(outputs[0], tokenizer))
+    checks.append(verify.check_template(outputs[0], tokenizer))
+    sequences = verify.heldout_token_ids(tokenizer)
+    reference = verify.hf_logits(merged, sequences)
+    f16_logits = verify.gguf_logits(f16, sequences)
+    f16_stats = verify.compare_logits(reference, f16_logits)
+    checks.append(verify.check_f16_logits(f16_stats))
+    quant_stats = {}
+    for quant, output in zip(quants, outputs):
+        if quant in ("f16", "bf16"):
+            continue
+        stats = verify.compare_logits(f16_logits, verify.gguf_logits(output, sequences))
+        quant_stats[quant] = stats
+        checks.append(verify.check_quant_logits(output.name, quant, stats, verify.KLD_LIMITS.get(quant)))
+    for output in outputs:
+        checks.append(verify.check_chat(output))
+
+    for check in checks:
+        mark = "ok  " if check.passed else "FAIL"
+        log(f"  {mark} {check.name}: {check.value}" + (f" (needs {check.threshold})" if check.threshold else ""))
+
+    if "f16" not in quants and not config.keep_f16:
+        f16.unlink(missing_ok=True)
+    return {
+        "name": name,
+        "base_model": base_name,
+        "adapter": str(config.adapter_dir),
+        "adapter_sha256": adapter_sha,
+        "llama_cpp_python": gguf.llama_cpp_version(),
+        "files": [{"name": p.name, "quant": q, "size_bytes": p.stat().st_size} for q, p in zip(quants, outputs)],
+        "file_stamps": {p.name: _file_stamp(p) for p in outputs},
+        "checks": [c.to_dict() for c in checks],
+        "logits_f16_vs_merged": f16_stats,
+        "quantization": quant_stats,
+        "notes": report_notes(run_info),
+        "passed": all(c.passed for c in checks),
+    }
+
+
+def is_random_tiny(run_info: dict | None) -> bool:
+    return bool(run_info) and str(run_info.get("config", {}).get("model_name", "")).startswith("builtin:")
+
+
+def report_notes(run_info: dict | None) -> list[str]:
+    notes = []
+    if is_random_tiny(run_info):
+        notes.append("This is the offline tiny model (random weights, a few training steps): its next-token "
+                     "distributions are nearly uniform, so KL divergences are tiny and top-1 agreement between "
+                     "quantizations is low (near-ties flip). The same KLD limits apply; top-1 agreement of quantized "
+                     "files is reported, not checked.")
+    return notes

@@ -1,0 +1,220 @@
+"""Prove a GGUF is the trained model: metadata, tokenizer, chat template, logits, quantization error, a chat.
+
+Each check returns a `Check` (name, passed, value, threshold, detail); the export fails when one fails. Nothing
+here loads the Hugging Face model in fp32: it is read in fp16 (the merged weights' own dtype), so verifying a 3B
+export fits in Colab's RAM, and it is freed before llama.cpp loads the GGUF.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .gguf import ftype_value, usable_cpus
+
+LLAMA3_EOT_ID = 128009
+TEMPLATE_DATE = "26 Jul 2024"  # fixed, so both renderings of the template agree whatever the day
+
+# Tokenizer parity: varied text where tokenizers usually disagree.
+TOKENIZER_TEXTS = [
+    "Hello world! A plain sentence, with punctuation; and more.",
+    "Accents: café, naïve, résumé, Ångström, São Paulo, Dvořák, ça va ?",
+    "中文：机器学习是人工智能的一个分支。日本語のテキストです。한국어 문장.",
+    "Emoji 🎉🚀🦙 and a family 👩‍👩‍👧‍👦, flags 🇫🇷🇯🇵.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "    four leading spaces\n\n\n\ttabs\t\tand   runs of   spaces   ",
+    "Digits 1234567890 3.14159 1e-10 0x1F 2026-11-21 $1,299.99 100%",
+    "Contractions: don't, I'll, we've, she'd, they're; CAPS and camelCase HTTPServer.",
+    "Русский текст, ελληνικά, עברית, العربية, हिन्दी.",
+    "<|start_header_id|>user<|end_header_id|>\n\nSpecial tokens in text.<|eot_id|>",
+    "",
+]
+
+# Held-out text for logit parity and quantization error: written for this check, never trained on.
+HELDOUT_TEXTS = [
+    "The lighthouse keeper wrote in his log every evening: the wind direction, the height of the swell, and "
+    "the names of the ships that passed. After forty years the logbooks filled a whole room, and historians "
+    "now use them to study how storms in the North Sea changed over the twentieth century.",
+    "To make a simple vinaigrette, whisk one part vinegar with three parts olive oil, then season with salt, "
+    "pepper and a little mustard, which helps the oil and vinegar stay mixed. Taste it on a leaf of lettuce "
+    "rather than on a spoon, because that is how it will be eaten.",
+    "In Python, a generator function uses the yield keyword to produce values lazily. Calling it returns an "
+    "iterator; each call to next() runs the function until the next yield, which makes generators useful for "
+    "streaming large files line by line without loading them into memory.",
+    "Photosynthesis converts light energy into chemical energy. In the chloroplasts, water is split, oxygen is "
+    "released, and the energy captured is used to build sugars from carbon dioxide in the Calvin cycle.",
+]
+
+TEMPLATE_CONVERSATION = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And its population, roughly?"},
+    {"role": "assistant", "content": "About 2.1 million in the city proper."},
+    {"role": "user", "content": "Thanks! One fun fact?"},
+]
+
+# Quantization error limits: mean KL divergence of the quantized model from the f16 GGUF on held-out text.
+# q8_0 and q4_k_m are the issue's limits for trained models; the others sit between them by bits per weight.
+KLD_LIMITS = {"q8_0": 0.005, "q6_k": 0.02, "q5_k_m": 0.05, "q4_k_m": 0.1}
+TOP1_MIN_F16 = 0.99  # the f16 GGUF against the merged Hugging Face model
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: object
+    threshold: str | None = None
+    detail: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _llama(path: Path, **kwargs):
+    from llama_cpp import Llama
+
+    threads = usable_cpus()
+    return Llama(model_path=str(path), verbose=False, n_threads=threads, n_threads_batch=threads, **kwargs)
+
+
+# ---------------------------------------------------------------------- metadata, tokenizer, template
+def check_metadata(path: Path, quant: str, hf_tokenizer) -> list[Check]:
+    llm = _llama(path, vocab_only=True)
+    meta = llm.metadata
+    eot = hf_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    checks = [
+        Check("architecture", meta.get("general.architecture") == "llama", meta.get("general.architecture"), "llama"),
+        Check("pre-tokenizer", meta.get("tokenizer.ggml.pre") == "llama-bpe", meta.get("tokenizer.ggml.pre"),
+              "llama-bpe"),
+        Check("eos token", meta.get("tokenizer.ggml.eos_token_id") == str(eot) == str(LLAMA3_EOT_ID),
+              meta.get("tokenizer.ggml.eos_token_id"), f"{LLAMA3_EOT_ID} (<|eot_id|>)"),
+        Check("chat template", meta.get("tokenizer.chat_template", "") == hf_tokenizer.chat_template,
+              "present" if meta.get("tokenizer.chat_template") else "missing", "equal to the tokenizer's"),
+        Check("file type", meta.get("general.file_type") == str(ftype_value(quant)), meta.get("general.file_type"),
+              f"{ftype_value(quant)} ({quant})"),
+    ]
+    for check in checks:
+        check.name = f"{path.name}: {check.name}"
+    return checks
+
+
+def check_tokenizer(path: Path, hf_tokenizer) -> Check:
+    llm = _llama(path, vocab_only=True)
+    mismatches = []
+    for text in TOKENIZER_TEXTS:
+        ours = llm.tokenize(text.encode(), add_bos=True, special=True)
+        theirs = hf_tokenizer(text)["input_ids"]
+        if ours != theirs:
+            mismatches.append(text[:30])
+    agreement = 1 - len(mismatches) / len(TOKENIZER_TEXTS)
+    return Check("tokenizer parity (llama.cpp vs Hugging Face)", not mismatches, f"{agreement:.0%}",
+                 "100% of texts", f"differs on: {mismatches}" if mismatches else f"{len(TOKENIZER_TEXTS)} texts")
+
+
+def gguf_chat_prompt(path: Path, messages: list[dict], **template_kwargs) -> str:
+    """The prompt llama-cpp-python renders for a chat, built from the GGUF as `Llama` builds its handler."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = _llama(path, vocab_only=True)
+    formatter = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=llm._model.token_get_text(llm.token_eos()),
+        bos_token=llm._model.token_get_text(llm.token_bos()),
+    )
+    return formatter(messages=messages, **template_kwargs).prompt
+
+
+def check_template(path: Path, hf_tokenizer) -> Check:
+    ours = gguf_chat_prompt(path, TEMPLATE_CONVERSATION, date_string=TEMPLATE_DATE)
+    theirs = hf_tokenizer.apply_chat_template(TEMPLATE_CONVERSATION, tokenize=False, add_generation_prompt=True,
+                                              date_string=TEMPLATE_DATE)
+    detail = "3-turn conversation with a system message"
+    if ours != theirs:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        detail = f"first difference at character {at}: {ours[at:at + 30]!r} vs {theirs[at:at + 30]!r}"
+    return Check("chat-template parity (llama-cpp-python vs apply_chat_template)", ours == theirs,
+                 "equal" if ours == theirs else "different", "equal", detail)
+
+
+# ---------------------------------------------------------------------- logits
+def heldout_token_ids(hf_tokenizer) -> list[list[int]]:
+    return [hf_tokenizer(text)["input_ids"] for text in HELDOUT_TEXTS]
+
+
+def hf_logits(merged_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Logits of the merged model, loaded in its own fp16 (never fp32), freed before returning."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float16)
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for ids in sequences:
+            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+    del model
+    gc.collect()
+    return out
+
+
+def gguf_logits(path: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    longest = max(len(ids) for ids in sequences)
+    llm = _llama(path, n_ctx=max(64, longest + 8), logits_all=True, n_batch=max(64, longest + 8))
+    out = []
+    for ids in sequences:
+        llm.reset()
+        llm.eval(ids)
+        out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    del llm
+    gc.collect()
+    return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+    """Max |difference|, top-1 agreement and mean KL(reference || candidate) over every position."""
+    reference_all, candidate_all = np.concatenate(reference), np.concatenate(candidate)
+    log_p, log_q = _log_softmax(reference_all.astype(np.float64)), _log_softmax(candidate_all.astype(np.float64))
+    kld = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    return {
+        "positions": int(reference_all.shape[0]),
+        "max_abs_diff": float(np.abs(reference_all - candidate_all).max()),
+        "top1_agreement": float((reference_all.argmax(-1) == candidate_all.argmax(-1)).mean()),
+        "kld_mean": float(kld.mean()),
+        "kld_max": float(kld.max()),
+    }
+
+
+def check_f16_logits(stats: dict) -> Check:
+    return Check("logit parity: f16 GGUF vs merged model (fp16)", stats["top1_agreement"] >= TOP1_MIN_F16,
+                 f"top-1 {stats['top1_agreement']:.2%}, max |diff| {stats['max_abs_diff']:.4f}",
+                 f"top-1 >= {TOP1_MIN_F16:.0%}", f"{stats['positions']} held-out positions")
+
+
+def check_quant_logits(file_name: str, quant: str, stats: dict, kld_limit: float | None) -> Check:
+    passed = kld_limit is None or stats["kld_mean"] <= kld_limit
+    return Check(f"quantization error: {file_name} vs f16 GGUF", passed,
+                 f"mean KLD {stats['kld_mean']:.5f}, top-1 {stats['top1_agreement']:.2%}",
+                 f"mean KLD <= {kld_limit}" if kld_limit is not None else None,
+                 f"{stats['positions']} held-out positions; max KLD {stats['kld_max']:.4f}")
+
+
+# ---------------------------------------------------------------------- a real chat
+def check_chat(path: Path) -> Check:
+    llm = _llama(path, n_ctx=512)
+    response = llm.create_chat_completion(
+        messages=[{"role": "user", "content": "Say hello in one short sentence."}],
+        max_tokens=24, temperature=0.0, seed=0)
+    text = response["choices"][0]["message"]["content"] or ""
+    reason = response["choices"][0]["finish_reason"]
+    return Check(f"{path.name}: chat completion through llama-cpp-python", bool(text.strip()),
+                 f"{len(text)} characters, finish_reason {reason}", "non-empty text", repr(text[:80]))

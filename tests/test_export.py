@@ -1,0 +1,242 @@
+"""The export stage end to end on the tiny preset's adapter: real merge, llama.cpp's converter and quantizer,
+every verification check, atomicity under SIGKILL, idempotent reruns, the push recorder, and each error."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+NAME = "Tiny-Llama-3.2-FineTome"
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_model_dir):
+    """A short real training run of the tiny preset (its adapter is what users export)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    result = run_cli("train/run.py", "--preset", "tiny", "--output-dir", str(out), "--max-steps", "2",
+                     "--save-steps", "2", "--eval-samples", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "adapter"
+
+
+@pytest.fixture(scope="session")
+def exported(trained_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
+                     "--quant", "q4_k_m", "q8_0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_export_writes_verified_q4_k_m_and_q8_0(exported):
+    out, result = exported
+    q4, q8 = out / f"{NAME}-Q4_K_M.gguf", out / f"{NAME}-Q8_0.gguf"
+    assert q4.is_file() and q8.is_file()
+    assert not (out / f"{NAME}-F16.gguf").exists()  # deleted without --keep-f16
+    assert not list(out.glob(".*.tmp-*"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and all(check["passed"] for check in report["checks"])
+    names = " | ".join(check["name"] for check in report["checks"])
+    for expected in ("architecture", "pre-tokenizer", "eos token", "chat template", "file type",
+                     "tokenizer parity", "chat-template parity", "logit parity", "quantization error: " + q4.name,
+                     "quantization error: " + q8.name, "chat completion"):
+        assert expected in names
+    assert report["logits_f16_vs_merged"]["top1_agreement"] >= 0.99
+    assert report["quantization"]["q8_0"]["kld_mean"] <= 0.005
+    assert report["quantization"]["q4_k_m"]["kld_mean"] <= 0.1
+    assert [f["name"] for f in report["files"]] == [q4.name, q8.name]
+    assert q4.stat().st_size < q8.stat().st_size
+    assert "verify:" in result.stdout and str(q4) in result.stdout
+
+
+def test_gguf_is_llama_3_and_chats_in_llama_cpp_python(exported):
+    from llama_cpp import Llama
+
+    out, _ = exported
+    llm = Llama(model_path=str(out / f"{NAME}-Q4_K_M.gguf"), n_ctx=512, verbose=False)
+    assert llm.metadata["tokenizer.ggml.pre"] == "llama-bpe"
+    assert llm.metadata["tokenizer.ggml.eos_token_id"] == "128009" and llm.token_eos() == 128009
+    assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert "<|start_header_id|>" in llm.metadata["tokenizer.chat_template"]
+    reply = llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+    assert reply["choices"][0]["message"]["content"]
+
+
+def test_merged_folder_loads_in_transformers(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    merged = exported[0] / "merged-16bit"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert str(model.dtype) == "torch.float16"
+    assert AutoTokenizer.from_pretrained(merged).chat_template
+    assert 128009 in GenerationConfig.from_pretrained(merged).eos_token_id
+
+
+def test_model_card_has_front_matter_and_figures(exported):
+    out, _ = exported
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "llama3.2" and "mlabonne/FineTome-100k" in front["datasets"]
+    assert "gguf" in front["tags"] and "unsloth" not in front["tags"]  # trained with the hf backend
+    assert f'model_path="{NAME}-Q4_K_M.gguf"' in card and f"{NAME}-Q8_0.gguf" in card  # no repo yet: local use
+    assert "KLD" in card and "✅" in card
+
+
+def test_rerun_is_idempotent(exported, trained_adapter):
+    out, _ = exported
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
+                     "--quant", "q4_k_m", "q8_0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nothing to do" in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == before
+
+
+def test_missing_quant_is_redone_and_merge_is_skipped(exported, trained_adapter, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(exported[0], out)
+    (out / f"{NAME}-Q8_0.gguf").unlink()
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
+                     "--quant", "q4_k_m", "q8_0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "merge: " in result.stdout and "is complete, skipping" in result.stdout
+    assert f"quantize: {NAME}-Q4_K_M.gguf is complete, skipping" in result.stdout
+    assert (out / f"{NAME}-Q8_0.gguf").is_file()
+
+
+def test_sigkill_during_quantization_leaves_no_partial_file(trained_adapter, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(trained_adapter), "--out",
+               str(out), "--quant", "q4_k_m"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob(f".{NAME}-Q4_K_M.gguf.tmp-*")):
+        assert process.poll() is None, "export ended before quantization started"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / f"{NAME}-Q4_K_M.gguf").exists()
+    assert (out / f"{NAME}-F16.gguf").is_file()  # completed stages stay
+
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out), "--quant", "q4_k_m")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "removed" in result.stdout and "left by an interrupted run" in result.stdout
+    assert f"convert: {NAME}-F16.gguf is complete, skipping" in result.stdout
+    assert (out / f"{NAME}-Q4_K_M.gguf").is_file() and not list(out.glob(".*.tmp-*"))
+
+
+class RecordingClient:
+    """Stands in for huggingface_hub.HfApi at the narrowest boundary and records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        self.calls.append(("create_commit", repo_id, files, kwargs))
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, str(folder_path), kwargs))
+
+
+def test_push_uploads_the_files_and_card_in_one_commit(exported, trained_adapter, monkeypatch, capsys):
+    from export.cli import main
+
+    out, _ = exported
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET_TOKEN_123")
+    client = RecordingClient()
+    assert main(["--adapter", str(trained_adapter), "--out", str(out), "--quant", "q4_k_m", "q8_0",
+                 "--push", "--repo-id", "someone/Tiny-FineTome-GGUF", "--private"], client=client) == 0
+    (create, commit) = [c for c in client.calls if c[0] in ("create_repo", "create_commit")]
+    assert create[1] == "someone/Tiny-FineTome-GGUF" and create[2]["private"] is True
+    assert commit[1] == "someone/Tiny-FineTome-GGUF"
+    assert sorted(commit[2]) == sorted(["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"])
+    card = commit[2]["README.md"]
+    card = card.decode() if isinstance(card, bytes) else Path(card).read_text()
+    assert 'Llama.from_pretrained(repo_id="someone/Tiny-FineTome-GGUF", filename="*Q4_K_M.gguf"' in card
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err, card, (out / "report.json").read_text()):
+        assert "hf_SECRET_TOKEN_123" not in text
+
+
+@pytest.mark.parametrize("args,fragment,code", [
+    (["--adapter", "/no/such/adapter"], "--adapter '/no/such/adapter': folder not found", 2),
+    (["--quant", "q4km"], "--quant q4km: unknown quant type; choose from: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m", 2),
+    (["--push"], "--push: needs --repo-id USER/NAME", 2),
+    (["--push", "--repo-id", "not a repo"], "--repo-id 'not a repo': must look like USER/NAME", 2),
+])
+def test_usage_errors_are_one_line(trained_adapter, args, fragment, code, tmp_path):
+    if args[0] != "--adapter":
+        args = ["--adapter", str(trained_adapter), *args]
+    result = run_cli("export/to_gguf.py", *args, "--out", str(tmp_path / "o"))
+    assert result.returncode == code
+    assert fragment in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_incomplete_and_corrupt_adapters_are_refused(trained_adapter, tmp_path):
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(trained_adapter, incomplete)
+    (incomplete / "adapter_model.safetensors").unlink()
+    result = run_cli("export/to_gguf.py", "--adapter", str(incomplete), "--out", str(tmp_path / "o1"))
+    assert result.returncode == 2 and "incomplete adapter" in result.stderr
+
+    corrupt = tmp_path / "corrupt" / "adapter"
+    shutil.copytree(trained_adapter.parent, corrupt.parent, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run_cli("export/to_gguf.py", "--adapter", str(corrupt), "--out", str(tmp_path / "o2"))
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert "adapter_model.safetensors" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "o2" / "merged-16bit").exists()
+
+
+def test_base_of_another_shape_is_refused(trained_adapter, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                     ).save_pretrained(other)
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--base", str(other),
+                     "--out", str(tmp_path / "o"))
+    assert result.returncode == 1 and "shape" in result.stderr and "--base" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "o" / "merged-16bit").exists()
+
+
+def test_not_enough_disk_is_refused_before_work(trained_adapter, tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    from export import pipeline
+    from export.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    assert main(["--adapter", str(trained_adapter), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk" in err and "GiB needed" in err and not (tmp_path / "o" / "merged-16bit").exists()
+
+
+def test_push_without_token_fails_before_any_work(trained_adapter, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env["HF_HOME"] = str(tmp_path / "empty-hf-home")
+    result = subprocess.run([sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(trained_adapter),
+                             "--out", str(tmp_path / "o"), "--push", "--repo-id", "me/model"],
+                            cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`"
+    assert not (tmp_path / "o").exists()
