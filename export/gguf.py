@@ -168,19 +168,40 @@ def _extract_converter(archive: Path, destination: Path) -> None:
                           "pass --llama-cpp-dir pointing at a llama.cpp checkout")
 
 
+_CONVERTED_TENSOR = re.compile(r"torch\.\w+ --> \w+, shape = ")
+
+
+def _tensor_count(model_dir: Path) -> int:
+    """Tensors in a safetensors model folder, from the file headers alone."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="np") as handle:
+            count += len(list(handle.keys()))
+    return count
+
+
 def convert_to_gguf(merged_dir: Path, out_file: Path, converter: Path, model_name: str, outtype: str = "f16",
-                    log=print) -> Path:
+                    log=print, progress: bool = True) -> Path:
     """Run llama.cpp's converter on a Hugging Face model folder; atomic."""
     temporary = temporary_path(out_file)
     command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(merged_dir), "--outfile", str(temporary),
                "--outtype", outtype, "--model-name", model_name]
     env = {**os.environ}
     env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py, matching the runtime
+    from tqdm.auto import tqdm
+
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     tail: list[str] = []
-    for line in process.stdout:
-        tail = (tail + [line.rstrip()])[-20:]  # kept for the error message; the converter is chatty
+    # The converter logs one "name, torch.<dtype> --> <type>, shape = ..." line per tensor: the bar follows them.
+    with tqdm(total=_tensor_count(merged_dir), desc=f"convert {outtype.upper()}", unit="tensor",
+              file=sys.stdout, disable=not progress) as bar:
+        for line in process.stdout:
+            tail = (tail + [line.rstrip()])[-20:]  # kept for the error message; the converter is chatty
+            if _CONVERTED_TENSOR.search(line):
+                bar.update(1)
     if process.wait() != 0:
         temporary.unlink(missing_ok=True)
         error = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")

@@ -180,24 +180,39 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+# Two logits closer than this are a tie as far as fp16 arithmetic can tell (fp16 resolves ~0.002 near 2.0).
+TIE_TOLERANCE = 0.01
+
+
 def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
-    """Max |difference|, top-1 agreement and mean KL(reference || candidate) over every position."""
+    """Max |difference|, top-1 agreement and mean KL(reference || candidate) over every position.
+
+    `top1_agreement_ties` also counts a position as agreeing when the candidate's choice is tied with the
+    reference's best within TIE_TOLERANCE: near-uniform distributions (a random model) have such near-ties,
+    and which side of one the rounding lands on says nothing about the conversion.
+    """
     reference_all, candidate_all = np.concatenate(reference), np.concatenate(candidate)
     log_p, log_q = _log_softmax(reference_all.astype(np.float64)), _log_softmax(candidate_all.astype(np.float64))
     kld = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    reference_top, candidate_top = reference_all.argmax(-1), candidate_all.argmax(-1)
+    rows = np.arange(len(reference_top))
+    margin = reference_all[rows, reference_top] - reference_all[rows, candidate_top]
     return {
         "positions": int(reference_all.shape[0]),
         "max_abs_diff": float(np.abs(reference_all - candidate_all).max()),
-        "top1_agreement": float((reference_all.argmax(-1) == candidate_all.argmax(-1)).mean()),
+        "top1_agreement": float((reference_top == candidate_top).mean()),
+        "top1_agreement_ties": float((margin <= TIE_TOLERANCE).mean()),
         "kld_mean": float(kld.mean()),
         "kld_max": float(kld.max()),
     }
 
 
 def check_f16_logits(stats: dict) -> Check:
-    return Check("logit parity: f16 GGUF vs merged model (fp16)", stats["top1_agreement"] >= TOP1_MIN_F16,
-                 f"top-1 {stats['top1_agreement']:.2%}, max |diff| {stats['max_abs_diff']:.4f}",
-                 f"top-1 >= {TOP1_MIN_F16:.0%}", f"{stats['positions']} held-out positions")
+    return Check("logit parity: f16 GGUF vs merged model (fp16)", stats["top1_agreement_ties"] >= TOP1_MIN_F16,
+                 f"top-1 {stats['top1_agreement_ties']:.2%} (exact {stats['top1_agreement']:.2%}), "
+                 f"max |diff| {stats['max_abs_diff']:.4f}",
+                 f"top-1 >= {TOP1_MIN_F16:.0%}, ties within {TIE_TOLERANCE} counted as agreeing",
+                 f"{stats['positions']} held-out positions")
 
 
 def check_quant_logits(file_name: str, quant: str, stats: dict, kld_limit: float | None) -> Check:
