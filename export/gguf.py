@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import ExportError
+from .files import temporary_path
 
 
 @dataclass(frozen=True)
@@ -79,25 +79,6 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def temporary_path(final: Path) -> Path:
-    """Where a file is written before it is complete: same folder (so the rename is atomic), hidden name."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Temporary files a killed run left behind (their pid is gone)."""
-    removed = []
-    for path in folder.glob(".*.tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() or pid == str(os.getpid()):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 # ---------------------------------------------------------------------- the converter

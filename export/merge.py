@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.errors import ExportError
+from export.files import remove_stale_temporaries, temporary_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -184,9 +185,9 @@ def merge_lora_streaming(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype
     tokenizer_dir = _tokenizer_source(adapter_dir, base_dir)
     generation_config = _generation_config(base_dir, base_config, _added_token_id(tokenizer_dir, END_OF_TURN))
 
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    staging = temporary_path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_dir)
+    remove_stale_temporaries(out_dir.parent, prefix=f".{out_dir.name}.")
     staging.mkdir()
     try:
         _write_weights(staging, base_dir, adapter_dir, shards, updates, dtype, progress)
@@ -499,30 +500,9 @@ def _write_manifest(staging: Path, base_dir: Path, adapter_dir: Path, dtype: str
         _durable(handle)
 
 
-def _remove_leftovers(out_dir: Path) -> None:
-    """Delete the hidden folders that merges killed part-way left next to out_dir (a whole model each, which
-    matters on a 15 GB Google Drive), unless the process that made one is still running."""
-    prefix = f".{out_dir.name}."
-    for path in out_dir.parent.iterdir():
-        kind, _, pid = path.name.removeprefix(prefix).partition("-")
-        if path.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() \
-                and (int(pid) == os.getpid() or not _process_exists(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
-
-
 def _swap_in(staging: Path, out_dir: Path) -> None:
     """Rename the finished folder into place; an existing out_dir is moved aside first, deleted after."""
-    previous = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    previous = temporary_path(out_dir, "old")
     if out_dir.exists():
         out_dir.rename(previous)
     try:

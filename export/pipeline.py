@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from . import gguf, verify
 from .config import ExportConfig
 from .errors import ExportError
+from .files import remove_stale_temporaries, write_text_atomic
 
 MERGED = "merged-16bit"
 
@@ -127,12 +127,6 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = gguf.temporary_path(path)
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def run(config: ExportConfig, client=None) -> dict:
     """The whole export. `client` is an HfApi-like object for --push (tests inject a recorder)."""
     started = time.perf_counter()
@@ -147,7 +141,7 @@ def run(config: ExportConfig, client=None) -> dict:
     name = config.name or default_name(base_name)
     quants = list(dict.fromkeys(config.quant))  # de-duplicated, in order
     check_disk(out_dir, base_dir, quants)
-    for stale in gguf.remove_stale_temporaries(out_dir):
+    for stale in remove_stale_temporaries(out_dir):
         log(f"cleanup: removed {stale.name} left by an interrupted run")
     adapter_sha = _sha256(config.adapter_dir / "adapter_model.safetensors")
     outputs = [out_dir / gguf.gguf_file_name(name, q) for q in quants]
@@ -160,13 +154,13 @@ def run(config: ExportConfig, client=None) -> dict:
     else:
         report = _build(config, run_info, base_name, base_dir, name, quants, outputs, adapter_sha)
         report["seconds"] = round(time.perf_counter() - started, 1)
-        _write_atomic(report_path, json.dumps(report, indent=2))
+        write_text_atomic(report_path, json.dumps(report, indent=2))
 
     from .card import render_model_card
 
     card = render_model_card({"name": name, "repo_id": config.repo_id, "base_model": base_name,
                               "files": report["files"], "run": run_info, "report": report, "space_url": None})
-    _write_atomic(out_dir / "README.md", card)
+    write_text_atomic(out_dir / "README.md", card)
     if not report["passed"]:
         failed = [c["name"] for c in report["checks"] if not c["passed"]]
         raise ExportError(f"verification failed ({'; '.join(failed)}); see {report_path}")
@@ -187,7 +181,7 @@ def run(config: ExportConfig, client=None) -> dict:
                            merged_dir=out_dir / MERGED if config.push_merged else None,
                            merged_repo_id=config.merged_repo_id)
         report["pushed"] = urls
-        _write_atomic(report_path, json.dumps(report, indent=2))
+        write_text_atomic(report_path, json.dumps(report, indent=2))
         log(f"push: {urls}")
     return report
 

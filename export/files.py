@@ -1,0 +1,55 @@
+"""Atomic files: everything is written under a hidden temporary name beside its final name and renamed when
+complete, so a crash or SIGKILL never leaves a truncated file (or folder) under a final name."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def temporary_path(final: Path, kind: str = "tmp") -> Path:
+    """`.<name>.<kind>-<pid>` in the same folder, so the final rename is atomic.
+
+    >>> temporary_path(Path("out/model.gguf")).name.startswith(".model.gguf.tmp-")
+    True
+    """
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temporary = temporary_path(path)
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def remove_stale_temporaries(folder: Path, prefix: str = ".") -> list[Path]:
+    """Delete the temporary files and folders (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) that killed runs left
+    in `folder`, unless the process that made one is still running. Each can be a whole model."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        stem, _, pid = path.name.rpartition("-")
+        if not (stem.endswith((".tmp", ".old")) and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid() and process_exists(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
