@@ -21,7 +21,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train/run.py --preset tiny --output-dir outputs/demo --max-steps 6 --save-steps 2
-	@echo "demo: trained the tiny preset (export and the Space join the demo in later stages)"
+	$(PY) export/to_gguf.py --adapter outputs/demo/adapter --out outputs/demo/gguf
+	@echo "demo: trained and exported the tiny preset (the Space joins the demo in a later stage)"
 
 clean:
 	rm -rf $(VENV) outputs
