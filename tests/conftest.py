@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "train" / "data" / "finetome_sample.jsonl"
+TINY_GGUF_NAME = "Tiny-Llama-3.2-FineTome"
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,28 @@ def run_cli(script: str, *args: str, timeout: float = 600, **popen) -> subproces
     """Run an entry script the way a user does, from the repo root, and capture its output."""
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory, tiny_model_dir):
+    """A short real training run of the tiny preset (its adapter is what users export)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    result = run_cli("train/run.py", "--preset", "tiny", "--output-dir", str(out), "--max-steps", "2",
+                     "--save-steps", "2", "--eval-samples", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "adapter"
+
+
+@pytest.fixture(scope="session")
+def exported(trained_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
+                     "--quant", "q4_k_m", "q8_0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(exported) -> Path:
+    """The tiny model's verified q4_k_m GGUF (what the Space serves in tests)."""
+    return exported[0] / f"{TINY_GGUF_NAME}-Q4_K_M.gguf"

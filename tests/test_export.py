@@ -13,28 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
-
-NAME = "Tiny-Llama-3.2-FineTome"
-
-
-@pytest.fixture(scope="session")
-def trained_adapter(tmp_path_factory, tiny_model_dir):
-    """A short real training run of the tiny preset (its adapter is what users export)."""
-    out = tmp_path_factory.mktemp("train") / "run"
-    result = run_cli("train/run.py", "--preset", "tiny", "--output-dir", str(out), "--max-steps", "2",
-                     "--save-steps", "2", "--eval-samples", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "adapter"
-
-
-@pytest.fixture(scope="session")
-def exported(trained_adapter, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
-                     "--quant", "q4_k_m", "q8_0")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result
+from conftest import REPO, TINY_GGUF_NAME as NAME, run_cli
 
 
 def test_export_writes_verified_q4_k_m_and_q8_0(exported):
