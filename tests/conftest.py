@@ -1,8 +1,11 @@
 """Shared fixtures: the tiny model is built once per test session into a private cache."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "train" / "data" / "finetome_sample.jsonl"
 TINY_GGUF_NAME = "Tiny-Llama-3.2-FineTome"
+ARTIFACTS = REPO / "test-artifacts"  # screenshots from the browser test (git-ignored)
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +67,39 @@ def exported(trained_adapter, tmp_path_factory):
 def tiny_gguf(exported) -> Path:
     """The tiny model's verified q4_k_m GGUF (what the Space serves in tests)."""
     return exported[0] / f"{TINY_GGUF_NAME}-Q4_K_M.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tiny_gguf, tmp_path_factory):
+    """`python space/app.py --model A --model B` as a user starts it; yields (url, vote log path)."""
+    folder = tmp_path_factory.mktemp("space")
+    # The same GGUF under two names: two catalog entries, two Llama instances, two locks.
+    first, second = folder / "Tiny-A-Q4_K_M.gguf", folder / "Tiny-B-Q4_K_M.gguf"
+    os.symlink(tiny_gguf, first)
+    os.symlink(tiny_gguf, second)
+    votes = folder / "votes" / "votes.jsonl"
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "space/app.py"), "--model", str(first), "--model", str(second),
+         "--host", "127.0.0.1", "--port", str(port), "--votes", str(votes), "--n-ctx", "1024"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the Space did not start within 2 minutes"
+            time.sleep(0.5)
+    yield url, votes
+    process.terminate()
+    process.wait(timeout=30)

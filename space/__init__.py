@@ -1,0 +1,1 @@
+"""The CPU chat Space: a pure serving engine (engine.py) under a thin Gradio app (app.py)."""

@@ -1,0 +1,179 @@
+"""Chat with, and compare, the FineTome fine-tunes of Llama-3.2 1B and 3B: q4_k_m GGUFs on a CPU Space.
+
+    python space/app.py                                  # the catalog in models.yaml (or $SPACE_MODELS)
+    python space/app.py --model exports/tiny/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf --port 7861
+
+The same file is the Space's app_file. The UI is thin: every decision (templating, trimming, locking,
+validation, sampling bounds) is made by engine.Engine, which the tests drive without a browser.
+API: `/chat` (one streamed turn), `/compare` (the same message to two models), `/vote` (after a compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+# Runs as `python space/app.py` in the repo and as `python app.py` in the Space: engine.py sits beside it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import Engine, Sampling, UserError, VoteLog, catalog_from_paths, load_catalog  # noqa: E402
+
+VOTES = ("A", "B", "tie", "both bad")
+EXAMPLES = [
+    "Explain what a LoRA adapter is in two sentences.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Give me three tips for a first 10 km run.",
+    "Translate 'Where is the train station?' into French and Spanish.",
+]
+DESCRIPTION = (
+    "Llama-3.2 Instruct fine-tuned on [FineTome-100k](https://huggingface.co/datasets/mlabonne/FineTome-100k) "
+    "with LoRA, merged and quantized to **q4_k_m GGUF**, served on CPU by llama.cpp. "
+    "**Chat** with one model, or **Compare** two on the same message (blind, if you like) and vote."
+)
+
+
+def _sampling(temperature, top_p, max_new_tokens) -> Sampling:
+    return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+
+
+def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved") -> gr.Blocks:
+    labels = engine.labels
+    second = labels[1] if len(labels) > 1 else labels[0]
+
+    def sampling_controls():
+        return (
+            gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'"),
+            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature"),
+            gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top_p"),
+            gr.Slider(16, 1024, value=256, step=16, label="Max new tokens"),
+        )
+
+    def chat(message, history, model, system_prompt, temperature, top_p, max_new_tokens):
+        reply = None
+        for reply in engine.stream_chat(model, message, history, system_prompt,
+                                        _sampling(temperature, top_p, max_new_tokens)):
+            yield (reply.error or reply.text), reply.stats()
+
+    def compare(message, model_a, model_b, system_prompt, temperature, top_p, max_new_tokens, blind):
+        """Both answers streamed; in blind mode the sides are shuffled and the names hidden until the vote."""
+        sides = [model_a, model_b]
+        if blind:
+            random.shuffle(sides)
+        shown = ("Model A", "Model B") if blind else tuple(sides)
+        state = {"models": sides, "message": message, "answers": ["", ""], "blind": bool(blind), "voted": False}
+        reveal = "Blind: vote to see which model is which." if blind else f"A = {sides[0]}, B = {sides[1]}"
+        for reply_a, reply_b in engine.stream_compare(sides[0], sides[1], message, system_prompt,
+                                                      _sampling(temperature, top_p, max_new_tokens),
+                                                      mode=compare_mode):
+            state["answers"] = [reply_a.error or reply_a.text, reply_b.error or reply_b.text]
+            yield (
+                [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][0]}],
+                [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][1]}],
+                f"**{shown[0]}** · {reply_a.stats()}", f"**{shown[1]}** · {reply_b.stats()}",
+                reveal, state,
+            )
+
+    def vote(choice, state):
+        if not state or not state.get("models"):
+            return "Compare two answers first, then vote."
+        if state.get("voted"):
+            return f"Already voted: A = {state['models'][0]}, B = {state['models'][1]}."
+        try:
+            votes.record(state["models"][0], state["models"][1], choice, state["message"],
+                         state["answers"][0], state["answers"][1], state["blind"])
+        except UserError as e:
+            return str(e)
+        state["voted"] = True
+        return f"Thanks! You voted **{choice}**. A = **{state['models'][0]}**, B = **{state['models'][1]}**."
+
+    with gr.Blocks(title="Llama-3.2 FineTome chat") as app:
+        gr.Markdown(f"# Llama-3.2 FineTome: 1B vs 3B on CPU\n{DESCRIPTION}")
+        with gr.Tab("Chat"):
+            model = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="chat-model")
+            stats = gr.Markdown("", elem_id="chat-stats")
+            with gr.Accordion("Settings", open=False):
+                system_prompt, temperature, top_p, max_new_tokens = sampling_controls()
+            gr.ChatInterface(
+                chat,
+                chatbot=gr.Chatbot(elem_id="chat-bot", height=420),
+                textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input",
+                                   show_label=False, submit_btn=True, stop_btn=True),
+                additional_inputs=[model, system_prompt, temperature, top_p, max_new_tokens],
+                additional_outputs=[stats],
+                examples=[[text] for text in EXAMPLES],
+                cache_examples=False,  # examples run on click, never at start-up
+                api_name="chat",
+                fill_height=False,
+            )
+        with gr.Tab("Compare"):
+            with gr.Row():
+                model_a = gr.Dropdown(labels, value=labels[0], label="Model A", elem_id="compare-a")
+                model_b = gr.Dropdown(labels, value=second, label="Model B", elem_id="compare-b")
+                blind = gr.Checkbox(True, label="Blind (hide names until you vote)", elem_id="compare-blind")
+            with gr.Accordion("Settings (the same for both)", open=False):
+                c_system, c_temperature, c_top_p, c_max_new_tokens = sampling_controls()
+            message = gr.Textbox(label="Message", placeholder="Ask both models the same thing",
+                                 elem_id="compare-message")
+            send = gr.Button("Compare", variant="primary", elem_id="compare-send")
+            with gr.Row():
+                with gr.Column():
+                    chat_a = gr.Chatbot(label="A", height=320, elem_id="compare-chat-a")
+                    stats_a = gr.Markdown("", elem_id="compare-stats-a")
+                with gr.Column():
+                    chat_b = gr.Chatbot(label="B", height=320, elem_id="compare-chat-b")
+                    stats_b = gr.Markdown("", elem_id="compare-stats-b")
+            reveal = gr.Markdown("", elem_id="compare-reveal")
+            state = gr.State({})
+            with gr.Row():
+                vote_buttons = [gr.Button(f"{choice}" if choice in ("tie", "both bad") else f"{choice} is better",
+                                          elem_id=f"vote-{choice.replace(' ', '-')}") for choice in VOTES]
+            inputs = [message, model_a, model_b, c_system, c_temperature, c_top_p, c_max_new_tokens, blind]
+            outputs = [chat_a, chat_b, stats_a, stats_b, reveal, state]
+            send.click(compare, inputs, outputs, api_name="compare")
+            message.submit(compare, inputs, outputs, api_name=False)
+            for button, choice in zip(vote_buttons, VOTES):
+                # Each button votes its own choice; the API takes the choice as an argument.
+                button.click(lambda s, c=choice: vote(c, s), [state], [reveal], api_name=False)
+            api_choice = gr.Textbox(visible=False)
+            api_vote = gr.Button(visible=False)
+            api_vote.click(vote, [api_choice, state], [reveal], api_name="vote")
+    return app
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=[], metavar="PATH",
+                        help="a local GGUF to serve (repeatable; label from the file name) instead of the catalog")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--n-ctx", type=int, default=int(os.environ.get("SPACE_N_CTX", 4096)))
+    parser.add_argument("--votes", default=os.environ.get("SPACE_VOTES_PATH", "votes/votes.jsonl"),
+                        help="where blind votes are appended (JSON lines)")
+    parser.add_argument("--votes-repo", default=os.environ.get("SPACE_VOTES_REPO"),
+                        help="a Hub dataset the vote log is pushed to every 10 minutes (optional)")
+    parser.add_argument("--compare-mode", default=os.environ.get("SPACE_COMPARE_MODE", "interleaved"),
+                        choices=("sequential", "interleaved"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        catalog = catalog_from_paths(args.model) if args.model else load_catalog()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    engine = Engine(catalog, n_ctx=args.n_ctx)
+    votes = VoteLog(Path(args.votes), hub_repo_id=args.votes_repo)
+    app = build_app(engine, votes, compare_mode=args.compare_mode)
+    # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=args.host, server_port=args.port, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""scripts/deploy_space.py, offline: the dry-run tree is checked file by file, and a real run goes to a recording client
+that checks every call against HfApi's own signature, so what is asserted here is what the Hub would receive."""
+
+import doctest
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.hf_api import CommitInfo, RepoUrl
+from huggingface_hub.utils import hf_raise_for_status
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "deploy_space.py"
+REAL_SPACE = REPO / "space"
+REQUIREMENTS_SPACE = REPO / "requirements-space.txt"
+
+SECRET = "hf_SECRETdeploy123"
+SPACE_ID = "alice/finetome-chat"
+MODEL_1B = "alice/Llama-3.2-1B-Instruct-FineTome-GGUF"
+MODEL_3B = "alice/Llama-3.2-3B-Instruct-FineTome-GGUF"
+LABEL_1B = "Llama-3.2-1B FineTome (q4_k_m)"
+LABEL_3B = "Llama-3.2-3B FineTome (q4_k_m)"
+NO_TOKEN_LINE = ("error: deploying needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login` "
+                 "(--dry-run DIR builds the Space's files without one)\n")
+
+# What a fake space/ holds: the files a Space needs, and the ones a working copy collects that it must not get.
+FAKE_SPACE_KEPT = {
+    "app.py": "import engine\nprint('app')\n",
+    "engine.py": "ENGINE = 1\n",
+    "models.yaml": "models: []\n",
+    "static/style.css": "body { color: black; }\n",
+}
+FAKE_SPACE_LEFT_OUT = {
+    "__pycache__/engine.cpython-311.pyc": "bytecode",
+    "static/__pycache__/x.cpython-311.pyc": "bytecode",
+    "README_space.md": "a stray template",
+    "votes/votes.jsonl": '{"vote": "A"}\n',
+    "votes.jsonl": '{"vote": "B"}\n',
+    ".gradio/certificate.pem": "cache",
+    ".pytest_cache/v/cache/nodeids": "[]",
+    "flagged/log.csv": "a,b\n",
+    "Tiny-Q4_K_M.gguf": "GGUF",
+}
+
+
+@pytest.fixture
+def deploy_space(monkeypatch):
+    """The entry script as a module (scripts/ is not a package), fresh for each test so monkeypatching stays local."""
+    spec = importlib.util.spec_from_file_location("deploy_space_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_space(tmp_path, deploy_space, monkeypatch):
+    """A space/ folder of the test's own, with kept and left-out files, used in place of the repo's."""
+    folder = tmp_path / "space-src"
+    for name, text in {**FAKE_SPACE_KEPT, **FAKE_SPACE_LEFT_OUT}.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(deploy_space, "SPACE_DIR", folder)
+    return folder
+
+
+@pytest.fixture
+def token_env(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+
+
+def tree_of(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative POSIX path -> bytes), the dry run's variables file excepted."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != ".space_variables.json"}
+
+
+def front_matter_and_body(card: str) -> tuple[dict, str]:
+    assert card.startswith("---\n")
+    _, header, body = card.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+def dry_run(deploy_space, out: Path, *extra: str, models=("--model-1b", MODEL_1B, "--model-3b", MODEL_3B)) -> int:
+    return deploy_space.main(["--space-id", SPACE_ID, *models, "--dry-run", str(out), *extra])
+
+
+# ---------------------------------------------------------------- the dry-run tree
+
+
+def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out) == 0
+
+    tree = tree_of(out)
+    assert set(tree) == {"README.md", "requirements.txt", *FAKE_SPACE_KEPT}
+    for name, text in FAKE_SPACE_KEPT.items():
+        assert tree[name] == text.encode()  # byte for byte, at the same relative place
+    assert tree["requirements.txt"] == REQUIREMENTS_SPACE.read_bytes()
+    assert not any("__pycache__" in name or name.endswith(".pyc") for name in tree)
+    # Nothing beside the target: the temporary folder was renamed into place.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "space-src"]
+
+    variables = json.loads((out / ".space_variables.json").read_text())
+    assert variables["space_id"] == SPACE_ID and variables["hardware"] == "cpu-basic"
+    assert json.loads(variables["variables"]["SPACE_MODELS"]) == [
+        {"label": LABEL_1B, "repo_id": MODEL_1B, "filename": "*Q4_K_M.gguf"},
+        {"label": LABEL_3B, "repo_id": MODEL_3B, "filename": "*Q4_K_M.gguf"},
+    ]
+    output = capsys.readouterr().out
+    for name in ["votes/votes.jsonl", "Tiny-Q4_K_M.gguf", "flagged/log.csv", ".gradio/certificate.pem"]:
+        assert f"left out: space/{name}" in output  # what is skipped is said, not silently dropped
+    assert "README_space.md" not in output and "__pycache__" not in output  # expected every time: not said
+    assert "nothing was uploaded" in output
+
+
+def _listing_of_space() -> set[str]:
+    """space/ as a Space would get it, listed here independently of the script's own rules."""
+    names = set()
+    for path in REAL_SPACE.rglob("*"):
+        relative = path.relative_to(REAL_SPACE)
+        if not path.is_file() or any(part.startswith(".") or part in ("__pycache__", "votes", "flagged")
+                                     for part in relative.parts):
+            continue
+        if relative.suffix in (".pyc", ".jsonl", ".log", ".gguf", ".tmp") or relative.as_posix() == "README_space.md":
+            continue
+        names.add(relative.as_posix())
+    return names
+
+
+@pytest.mark.skipif(not (REAL_SPACE / "app.py").is_file(), reason="space/app.py is not written yet")
+def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_path):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out) == 0
+    tree = tree_of(out)
+    assert {"app.py", "requirements.txt", "README.md"} <= set(tree)
+    assert set(tree) == _listing_of_space() | {"README.md", "requirements.txt"}
+    for name in _listing_of_space():
+        assert tree[name] == (REAL_SPACE / name).read_bytes()
+
+    card, _ = front_matter_and_body(tree["README.md"].decode())
+    assert card["app_file"] in tree  # the Space has the file its card says to run
+    requirements = tree["requirements.txt"].decode()
+    for package in ("gradio", "llama-cpp-python"):
+        assert re.search(rf"^{package}==\d+\.\d+\.\d+$", requirements, re.MULTILINE), package
+
+
+def test_card_front_matter_is_what_the_hub_reads(deploy_space, fake_space, tmp_path):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out) == 0
+    card, body = front_matter_and_body((out / "README.md").read_text())
+    gradio_version = importlib.metadata.version("gradio")
+    assert card == {
+        "title": "Llama-3.2 FineTome Chat", "emoji": "🦙", "colorFrom": "indigo", "colorTo": "yellow",
+        "sdk": "gradio", "sdk_version": gradio_version, "app_file": "app.py", "python_version": "3.11",
+        "pinned": False, "short_description": card["short_description"], "license": "llama3.2",
+        "models": [MODEL_1B, MODEL_3B], "datasets": ["mlabonne/FineTome-100k"],
+        "tags": ["llama-cpp", "gguf", "llama-3.2", "finetome", "chatbot", "cpu"],
+    }
+    assert len(card["short_description"]) <= 60  # the Hub rejects a longer one
+    # The Space installs sdk_version's gradio, then requirements.txt: both must name the same version.
+    assert f"gradio=={gradio_version}" in (out / "requirements.txt").read_text().splitlines()
+    assert card["app_file"] in tree_of(out)
+
+    assert "{{" not in body and "}}" not in body and "<!--" not in body
+    for text in [MODEL_1B, MODEL_3B, LABEL_1B, LABEL_3B, "10-15 minutes", "compiles llama.cpp from source",
+                 "python space/app.py --model path/to/X-Q4_K_M.gguf", "scripts/compare.py", "Blind", "SPACE_MODELS",
+                 "Llama 3.2 Community License"]:
+        assert text in body, text
+
+
+@pytest.mark.parametrize("models, repos, labels", [
+    (("--model-1b", MODEL_1B), [MODEL_1B], [LABEL_1B]),
+    (("--model-3b", MODEL_3B), [MODEL_3B], [LABEL_3B]),
+])
+def test_one_model_is_enough(deploy_space, fake_space, tmp_path, models, repos, labels):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out, models=models) == 0
+    card, body = front_matter_and_body((out / "README.md").read_text())
+    assert card["models"] == repos
+    catalog = json.loads(json.loads((out / ".space_variables.json").read_text())["variables"]["SPACE_MODELS"])
+    assert [entry["label"] for entry in catalog] == labels
+    assert [entry["repo_id"] for entry in catalog] == repos
+
+
+def test_votes_repo_report_url_and_extra_variables(deploy_space, fake_space, tmp_path):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out, "--votes-repo", "alice/finetome-votes", "--variable",
+                   "SPACE_VOTES_PATH=/data/votes.jsonl", "--report-url", "https://example.org/compare.html") == 0
+    variables = json.loads((out / ".space_variables.json").read_text())["variables"]
+    assert list(variables) == ["SPACE_MODELS", "SPACE_VOTES_REPO", "SPACE_VOTES_PATH"]
+    assert variables["SPACE_VOTES_REPO"] == "alice/finetome-votes"
+    assert variables["SPACE_VOTES_PATH"] == "/data/votes.jsonl"
+    _, body = front_matter_and_body((out / "README.md").read_text())
+    assert "[alice/finetome-votes](https://huggingface.co/datasets/alice/finetome-votes)" in body
+    assert "(https://example.org/compare.html)" in body
+
+
+def test_dry_run_replaces_its_own_folder_and_refuses_any_other(deploy_space, fake_space, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out) == 0
+    (fake_space / "engine.py").unlink()
+    assert dry_run(deploy_space, out) == 0  # a previous dry run's folder is replaced, not merged into
+    assert "engine.py" not in tree_of(out)
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    assert dry_run(deploy_space, other) == 2
+    assert capsys.readouterr().err == (
+        f"error: --dry-run {other}: folder exists and is not empty; give a new or empty folder (a folder an "
+        "earlier --dry-run wrote, recognised by its .space_variables.json, is replaced)\n")
+    assert [path.name for path in other.iterdir()] == ["todo.txt"]
+
+    assert dry_run(deploy_space, fake_space / "build") == 2  # the next deploy would upload it
+    assert "is inside space-src/, whose files the Space gets" in capsys.readouterr().err
+    assert not (fake_space / "build").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert dry_run(deploy_space, empty) == 0 and (empty / "app.py").is_file()
+
+
+def test_dry_run_needs_no_token(deploy_space, fake_space, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(deploy_space, "resolve_token", lambda: pytest.fail("a dry run asked for the token"))
+    assert dry_run(deploy_space, tmp_path / "out") == 0
+
+
+# ---------------------------------------------------------------- a real run, against a recording client
+
+
+@dataclass
+class Call:
+    method: str
+    args: tuple
+    kwargs: dict
+    arguments: dict  # the call bound to HfApi's own signature: a call HfApi would reject fails in _record
+    operations: list = field(default_factory=list)  # create_commit: (path_in_repo, bytes)
+
+
+class RecordingClient:
+    """Stands in for HfApi: records each call and answers like the Hub, or raises `fail[method]`."""
+
+    def __init__(self, token: str | None = None, existing: list[str] | None = None, fail: dict | None = None):
+        self.token = token
+        self.existing = existing if existing is not None else [".gitattributes", "README.md"]
+        self.fail = fail or {}
+        self.calls: list[Call] = []
+
+    def _record(self, method: str, args: tuple, kwargs: dict) -> Call:
+        arguments = inspect.signature(getattr(HfApi, method)).bind(self, *args, **kwargs).arguments
+        arguments.pop("self")
+        call = Call(method, args, kwargs, arguments)
+        self.calls.append(call)
+        if method in self.fail:
+            raise self.fail[method]
+        return call
+
+    def create_repo(self, *args, **kwargs) -> RepoUrl:
+        call = self._record("create_repo", args, kwargs)
+        return RepoUrl(f"https://huggingface.co/spaces/{call.arguments['repo_id']}")
+
+    def add_space_variable(self, *args, **kwargs) -> dict:
+        self._record("add_space_variable", args, kwargs)
+        return {}
+
+    def list_repo_files(self, *args, **kwargs) -> list[str]:
+        self._record("list_repo_files", args, kwargs)
+        return list(self.existing)
+
+    def create_commit(self, *args, **kwargs) -> CommitInfo:
+        call = self._record("create_commit", args, kwargs)
+        operations = list(call.arguments["operations"])
+        assert all(isinstance(op, CommitOperationAdd) for op in operations)  # adds only: nothing is deleted
+        call.operations = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
+        return CommitInfo(commit_url=f"https://huggingface.co/spaces/{call.arguments['repo_id']}/commit/{'0' * 40}",
+                          commit_message=call.arguments["commit_message"], commit_description="", oid="0" * 40)
+
+
+def hub_error(status: int, message: str) -> Exception:
+    """The exception huggingface_hub itself raises for this response."""
+    response = httpx.Response(status, json={"error": message},
+                              request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+    with pytest.raises(HfHubHTTPError) as caught:
+        hf_raise_for_status(response)
+    return caught.value
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_real_run_creates_the_space_sets_the_catalog_and_commits_the_tree_once(
+        deploy_space, fake_space, tmp_path, capsys, token_env, private):
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out, *(["--private"] if private else [])) == 0
+    expected_tree = tree_of(out)
+    capsys.readouterr()
+
+    client = RecordingClient(token=SECRET)
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--model-3b", MODEL_3B] + (["--private"] if private else [])
+    assert deploy_space.main(argv, client=client) == 0
+
+    assert [call.method for call in client.calls] == [
+        "create_repo", "add_space_variable", "list_repo_files", "create_commit"]
+    create, variable, listing, commit = client.calls
+    assert create.arguments == {"repo_id": SPACE_ID, "repo_type": "space", "space_sdk": "gradio",
+                                "space_hardware": "cpu-basic", "private": private, "exist_ok": True}
+    assert (variable.arguments["repo_id"], variable.arguments["key"]) == (SPACE_ID, "SPACE_MODELS")
+    assert json.loads(variable.arguments["value"]) == [
+        {"label": LABEL_1B, "repo_id": MODEL_1B, "filename": "*Q4_K_M.gguf"},
+        {"label": LABEL_3B, "repo_id": MODEL_3B, "filename": "*Q4_K_M.gguf"},
+    ]
+    assert listing.arguments == {"repo_id": SPACE_ID, "repo_type": "space"}
+    assert commit.arguments["repo_id"] == SPACE_ID and commit.arguments["repo_type"] == "space"
+    # One commit, holding exactly the dry run's files with the same bytes.
+    assert dict(commit.operations) == expected_tree
+    assert [name for name, _ in commit.operations] == sorted(expected_tree)
+
+    output = capsys.readouterr().out
+    assert output.rstrip().splitlines()[-1] == f"Space: https://huggingface.co/spaces/{SPACE_ID}"
+    assert "note:" not in output  # README.md and .gitattributes of a new Space are not stale files
+
+
+def test_token_appears_nowhere(deploy_space, fake_space, tmp_path, capsys, token_env):
+    client = RecordingClient(token=SECRET)
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--votes-repo", "alice/votes",
+            "--variable", "SPACE_N_CTX=2048"]
+    assert deploy_space.main(argv, client=client) == 0
+    assert SECRET not in repr([(call.args, call.kwargs) for call in client.calls])
+    assert all(SECRET.encode() not in content for _, content in client.calls[-1].operations)
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    assert all(SECRET.encode() not in path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
+
+    # A failing deploy whose Hub message echoes the token: masked.
+    failing = RecordingClient(token=SECRET, fail={"create_commit": hub_error(500, f"bad header Bearer {SECRET}")})
+    assert deploy_space.main(argv, client=failing) == 1
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err and "***" in captured.err
+
+
+def test_files_only_in_the_space_are_reported_not_deleted(deploy_space, fake_space, capsys, token_env):
+    client = RecordingClient(token=SECRET, existing=[".gitattributes", "README.md", "app.py", "old_helpers.py"])
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-3b", MODEL_3B], client=client) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the Space also has old_helpers.py, which this deploy did not write; delete it on the "
+                     "Space's Files tab if it is left over from an earlier version"]
+
+
+@pytest.mark.parametrize("status, fix", [
+    (401, "set a valid HF_TOKEN or run `hf auth login` again"),
+    (403, "use a token with write access to its namespace"),
+    (402, "https://huggingface.co/settings/billing"),
+    (500, "Internal Error"),
+])
+def test_hub_errors_are_one_line(deploy_space, fake_space, capsys, token_env, status, fix):
+    client = RecordingClient(token=SECRET, fail={"create_repo": hub_error(status, "Internal Error")})
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B], client=client) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: deploying to the Space {SPACE_ID} failed (HTTP {status}): ")
+    assert fix in err and err.count("\n") == 1
+    assert [call.method for call in client.calls] == ["create_repo"]  # nothing after the first failure
+
+
+def test_network_errors_are_one_line(deploy_space, fake_space, capsys, token_env):
+    client = RecordingClient(fail={"add_space_variable": httpx.ConnectError("Name or service not known")})
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B], client=client) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: deploying to the Space {SPACE_ID} failed: cannot reach the Hugging Face Hub (ConnectError)")
+
+
+# ---------------------------------------------------------------- input errors: one line each, exit 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--space-id", SPACE_ID],
+     "no model to serve: give --model-1b USER/NAME-GGUF and/or --model-3b USER/NAME-GGUF (the Hub repos "
+     "export/to_gguf.py --push wrote)"),
+    (["--space-id", "finetome-chat", "--model-1b", MODEL_1B],
+     "--space-id 'finetome-chat': expected USER/NAME (a user or organization, then the repo)"),
+    (["--space-id", "alice/fine--chat", "--model-1b", MODEL_1B],
+     "--space-id 'alice/fine--chat': use only letters, digits, '-', '_' and '.', not at the start or end of either "
+     "part, no '--' or '..', at most 96 characters each, no '.git' ending"),
+    (["--space-id", SPACE_ID, "--model-3b", "Llama-3B-GGUF"],
+     "--model-3b 'Llama-3B-GGUF': expected USER/NAME (a user or organization, then the repo)"),
+    (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--model-3b", MODEL_1B],
+     f"--model-1b and --model-3b are both '{MODEL_1B}': give the 1B and the 3B repo"),
+    (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--variable", "SPACE_MODELS=[]"],
+     "--variable SPACE_MODELS: set by --model-1b/--model-3b; leave it out of --variable"),
+    (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--variable", "no equals sign"],
+     "--variable 'no equals sign': expected KEY=VALUE with KEY a name like SPACE_VOTES_PATH"),
+    (["--model-1b", MODEL_1B], "the following arguments are required: --space-id"),
+])
+def test_bad_input_is_one_line_and_exit_2(deploy_space, capsys, token_env, argv, message):
+    client = RecordingClient(token=SECRET)
+    assert deploy_space.main(argv, client=client) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {message}\n"
+    assert captured.out == "" and client.calls == []
+
+
+def test_missing_app_is_one_line_and_exit_2(deploy_space, fake_space, tmp_path, capsys):
+    (fake_space / "app.py").unlink()
+    assert dry_run(deploy_space, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (f"error: {fake_space / 'app.py'} not found: the Space runs app.py (its "
+                                       f"app_file) from the root of {fake_space.name}/; deploy from a checkout that "
+                                       "has it\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_space_folder_may_not_hold_the_generated_files(deploy_space, fake_space, tmp_path, capsys):
+    (fake_space / "requirements.txt").write_text("numpy\n")
+    assert dry_run(deploy_space, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (f"error: {fake_space / 'requirements.txt'} would be replaced by the "
+                                       "generated requirements.txt: rename or move it\n")
+
+
+def test_gradio_pin_must_match_the_installed_gradio(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
+    requirements = tmp_path / "requirements-space.txt"
+    requirements.write_text("gradio==5.0.0\nllama-cpp-python==0.3.36\n")
+    monkeypatch.setattr(deploy_space, "REQUIREMENTS", requirements)
+    installed = importlib.metadata.version("gradio")
+    assert dry_run(deploy_space, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (f"error: requirements-space.txt pins gradio==5.0.0 but gradio {installed} is "
+                                       f"installed here: pin gradio=={installed} (the version tested here) or "
+                                       "install gradio==5.0.0\n")
+
+
+def test_missing_token_stops_before_any_work(tmp_path):
+    """As a user runs it: a fresh process, no HF_TOKEN, and HF_HOME pointing at an empty folder (no saved login)."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "empty-hf-home")
+    (tmp_path / "empty-hf-home").mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT), "--space-id", SPACE_ID, "--model-1b", MODEL_1B],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", NO_TOKEN_LINE)
+
+
+def test_help_runs_from_anywhere(tmp_path):
+    """The entry script finds the repo's packages itself (no PYTHONPATH), as a fresh clone runs it."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0 and "--space-id" in result.stdout and "--dry-run" in result.stdout
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_template_placeholders_must_all_be_known_and_used(deploy_space):
+    with pytest.raises(deploy_space.UsageError, match="placeholders typo have no value and report are not used"):
+        deploy_space.fill_template("# {{title}}\n{{typo}}\n", {"title": "t", "report": "r"})
+
+
+def test_requirements_space_is_pinned_and_commented():
+    lines = [line for line in REQUIREMENTS_SPACE.read_text().splitlines() if line and not line.startswith("#")]
+    assert lines == ["gradio==6.31.0", "llama-cpp-python==0.3.36", "huggingface_hub==1.33.0", "pyyaml==6.0.3"]
+    assert "compiles llama.cpp" in REQUIREMENTS_SPACE.read_text()
+
+
+def test_doctests_of_the_script(deploy_space):
+    # scripts/ is outside pytest's doctest paths (pytest.ini), so its examples run here.
+    result = doctest.testmod(deploy_space, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -1,0 +1,603 @@
+"""The Space's engine (space/engine.py): pure functions table-driven, then the real tiny q4_k_m GGUF served
+through llama-cpp-python — streaming, locks under Stop / abandoned generators / cancel, trimming, compare
+modes — and the vote log with a recorded CommitScheduler."""
+
+import doctest
+import gc
+import json
+import math
+import random
+import threading
+from datetime import datetime
+from types import SimpleNamespace
+
+import pytest
+
+import space.engine as engine_module
+from space.engine import (Engine, ModelSpec, Reply, Sampling, UserError, VoteLog, catalog_from_paths,
+                          flatten_content, history_to_messages, load_catalog, trim_history, unique_vote_file)
+
+GREEDY = Sampling(temperature=0, max_new_tokens=16)
+
+
+def test_engine_doctests():
+    # pytest.ini's testpaths do not list space/, so its doctests run from here.
+    result = doctest.testmod(engine_module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 8 and result.failed == 0
+
+
+# ---------------------------------------------------------------------- Gradio history → messages
+@pytest.mark.parametrize("content, expected", [
+    ("plain", "plain"),
+    ([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "a\nb"),
+    ([{"type": "file", "file": {"path": "/tmp/x.png", "mime_type": "image/png"}},
+      {"type": "text", "text": "what is this?"}], "what is this?"),
+    ({"type": "text", "text": "one block"}, "one block"),
+    ({"text": "multimodal textbox value", "files": ["/tmp/x.png"]}, "multimodal textbox value"),
+    ({"path": "/tmp/x.png"}, ""),
+    ({"type": "component", "component": "image", "value": "x", "constructor_args": {}, "props": {}}, ""),
+    ([SimpleNamespace(type="text", text="pydantic-like")], "pydantic-like"),
+    (None, ""),
+    ([], ""),
+])
+def test_flatten_content(content, expected):
+    assert flatten_content(content) == expected
+
+
+def test_history_to_messages_on_gradio_6_shapes():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "  Hi  "}], "metadata": None, "options": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}], "metadata": None},
+        {"role": "assistant", "content": "stats panel", "metadata": {"title": "⏱ 0.1 s"}},  # a Gradio "thought"
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/cat.png"}}]},  # image only: no text
+        {"role": "system", "content": "not from the history"},
+        {"role": "tool", "content": "nor this"},
+        {"role": "assistant", "content": ""},
+        SimpleNamespace(role="user", content="as an object", metadata=None),
+        "garbage",
+    ]
+    assert history_to_messages(history) == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "as an object"},
+    ]
+
+
+@pytest.mark.parametrize("history", [None, "not a list", 42, []])
+def test_history_to_messages_tolerates_anything(history):
+    assert history_to_messages(history) == []
+
+
+# ---------------------------------------------------------------------- trimming
+def _chat(system: bool, turns: int, first_role: str = "user") -> list[dict]:
+    roles = ["user", "assistant"] if first_role == "user" else ["assistant", "user"]
+    head = [{"role": "system", "content": "S"}] if system else []
+    body = [{"role": roles[i % 2], "content": f"{roles[i % 2][0]}{i // 2}"} for i in range(2 * turns)]
+    return head + body + [{"role": "user", "content": "new"}]
+
+
+def _contents(messages):
+    return [message["content"] for message in messages]
+
+
+def count_messages(messages):  # one "token" per message keeps the arithmetic readable
+    return len(messages)
+
+
+@pytest.mark.parametrize("system, turns, n_ctx, max_new, expected", [
+    (True, 3, 100, 10, ["S", "u0", "a0", "u1", "a1", "u2", "a2", "new"]),  # fits: unchanged
+    (True, 3, 8, 2, ["S", "u1", "a1", "u2", "a2", "new"]),  # oldest exchange first
+    (True, 3, 6, 2, ["S", "u2", "a2", "new"]),
+    (True, 3, 4, 2, ["S", "new"]),  # all history gone, system and new message kept
+    (False, 3, 5, 2, ["u2", "a2", "new"]),
+    (False, 0, 3, 2, ["new"]),
+])
+def test_trim_history_drops_oldest_exchanges(system, turns, n_ctx, max_new, expected):
+    assert _contents(trim_history(_chat(system, turns), count_messages, n_ctx, max_new)) == expected
+
+
+@pytest.mark.parametrize("n_ctx, expected", [
+    (100, ["S", "u0", "a0", "u1", "a1", "u2", "a2", "u3", "a3", "new"]),  # nothing to drop: no step either
+    (10, ["S", "u2", "a2", "u3", "a3", "new"]),  # one exchange needed, two dropped
+    (8, ["S", "u2", "a2", "u3", "a3", "new"]),  # two needed: the same start as above, so the same prefix
+    (6, ["S", "new"]),  # three needed, four dropped
+])
+def test_trim_history_drops_in_steps(n_ctx, expected):
+    assert _contents(trim_history(_chat(True, 4), count_messages, n_ctx, 1, drop_step=2)) == expected
+
+
+def test_trim_history_keeps_whole_exchanges():
+    # A history that opens with the assistant (a greeting): it goes with the first drop, never half an exchange.
+    chat = _chat(False, 2, first_role="assistant")  # a0 u0 a1 u1 new
+    assert _contents(trim_history(chat, count_messages, 5, 1)) == ["u0", "a1", "u1", "new"]
+    assert _contents(trim_history(chat, count_messages, 4, 1)) == ["u1", "new"]
+
+
+def test_trim_history_matches_dropping_one_exchange_at_a_time():
+    def naive(messages, count, n_ctx, max_new):
+        start = 1 if messages[0]["role"] == "system" else 0
+        history = messages[start:-1]
+        while history and count(messages[:start] + history + messages[-1:]) + max_new > n_ctx:
+            history = history[1:]
+            while history and history[0]["role"] != "user":
+                history = history[1:]
+        return messages[:start] + history + messages[-1:]
+
+    def count_characters(messages):
+        return sum(len(message["content"]) for message in messages)
+
+    generator = random.Random(0)
+    for _ in range(200):
+        chat = [{"role": "system", "content": "x" * generator.randint(1, 5)}] + [
+            {"role": generator.choice(["user", "user", "assistant"]), "content": "y" * generator.randint(1, 20)}
+            for _ in range(generator.randint(0, 12))] + [{"role": "user", "content": "z" * generator.randint(1, 9)}]
+        n_ctx = generator.randint(20, 150)
+        expected = naive(chat, count_characters, n_ctx, 5)
+        if count_characters(expected) + 5 > n_ctx:
+            with pytest.raises(UserError):
+                trim_history(chat, count_characters, n_ctx, 5)
+        else:
+            assert trim_history(chat, count_characters, n_ctx, 5) == expected
+
+
+def test_trim_history_too_long_message_says_so():
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "x" * 50}]
+    with pytest.raises(UserError) as error:
+        trim_history(chat, lambda messages: sum(len(m["content"]) for m in messages), n_ctx=40, max_new_tokens=10)
+    assert str(error.value) == ("Your message is too long for this model's context (51 tokens, limit 30); "
+                                "shorten it.")
+
+
+# ---------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("given, expected", [
+    (Sampling(), Sampling(0.7, 0.9, 256)),
+    (Sampling(0.0, 0.05, 16), Sampling(0.0, 0.05, 16)),
+    (Sampling(-5, 7, 10**9), Sampling(0.0, 1.0, 1024)),
+    (Sampling(99, 0, 1), Sampling(2.0, 0.05, 16)),
+    (Sampling(float("nan"), float("nan"), float("nan")), Sampling(0.7, 0.9, 256)),
+    (Sampling(float("inf"), float("-inf"), float("inf")), Sampling(2.0, 0.05, 1024)),
+    (Sampling("hot", None, "many"), Sampling(0.7, 0.9, 256)),
+    (Sampling(True, [1], {"a": 1}), Sampling(0.7, 0.9, 256)),
+    (Sampling(1, 1, 100.9), Sampling(1.0, 1.0, 100)),
+    (Sampling(0.5, 0.5, 10**400), Sampling(0.5, 0.5, 1024)),
+])
+def test_sampling_clamped(given, expected):
+    clamped = given.clamped()
+    assert clamped == expected
+    assert isinstance(clamped.max_new_tokens, int) and not math.isnan(clamped.temperature)
+
+
+def test_reply_stats():
+    assert Reply("").stats() == ""
+    assert Reply("x", ttft_s=0.123, tokens=57, tokens_per_s=34.49).stats() == "TTFT 0.12 s · 34.5 tok/s · 57 tokens"
+
+
+# ---------------------------------------------------------------------- catalogs
+def test_default_catalog_lists_the_1b_and_3b_models():
+    specs = load_catalog(env={})
+    assert [spec.label for spec in specs] == ["Llama-3.2-1B FineTome (q4_k_m)", "Llama-3.2-3B FineTome (q4_k_m)"]
+    assert all(spec.repo_id.endswith("-Instruct-FineTome-GGUF") and spec.filename == "*Q4_K_M.gguf"
+               and spec.path is None for spec in specs)
+
+
+def test_space_models_env_overrides_the_yaml(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    models = [{"label": "Hub", "repo_id": "me/repo-GGUF", "filename": "*Q4_K_M.gguf"},
+              {"label": "Local", "path": str(gguf)}]
+    specs = load_catalog(tmp_path / "absent.yaml", env={"SPACE_MODELS": json.dumps(models)})
+    assert specs == [ModelSpec("Hub", repo_id="me/repo-GGUF", filename="*Q4_K_M.gguf"),
+                     ModelSpec("Local", path=str(gguf))]
+
+
+def test_catalog_from_yaml_file(tmp_path):
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text("models:\n  - label: Only\n    repo_id: me/x\n    filename: '*.gguf'  # comment\n")
+    assert load_catalog(catalog, env={"SPACE_MODELS": "  "}) == [ModelSpec("Only", "me/x", "*.gguf")]
+
+
+@pytest.mark.parametrize("models, expected", [
+    ([], "non-empty list"),
+    ({"label": "x"}, "non-empty list"),
+    (["just a string"], "entry 1: expected a mapping"),
+    ([{"repo_id": "me/x", "filename": "*.gguf"}], "entry 1: needs a label"),
+    ([{"label": "A", "repo_id": "me/x"}], "entry 1 ('A'): repo_id and filename go together"),
+    ([{"label": "A"}], "entry 1 ('A'): give either repo_id + filename"),
+    ([{"label": "A", "repo_id": "me/x", "filename": "*.gguf", "path": "a.gguf"}], "not both"),
+    ([{"label": "A", "path": "a.gguf", "repo": "typo"}], "unknown key(s) repo"),
+    ([{"label": "A", "path": 3}], "path must be a non-empty string"),
+    ([{"label": "A", "path": "a.gguf"}, {"label": "B", "path": "b.gguf"}, {"label": "A", "path": "c.gguf"}],
+     "duplicate label(s) 'A'"),
+])
+def test_invalid_catalogs_name_the_entry(models, expected):
+    with pytest.raises(UserError) as error:
+        load_catalog(env={"SPACE_MODELS": json.dumps(models)})
+    assert "SPACE_MODELS" in str(error.value) and expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_all_problems_reported_at_once():
+    models = [{"label": "A"}, {"path": "x.gguf"}]
+    with pytest.raises(UserError) as error:
+        load_catalog(env={"SPACE_MODELS": json.dumps(models)})
+    assert "entry 1 ('A')" in str(error.value) and "entry 2: needs a label" in str(error.value)
+
+
+def test_unreadable_catalogs(tmp_path):
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_catalog(env={"SPACE_MODELS": "[{label: 1B}]"})
+    with pytest.raises(UserError, match="cannot read the model catalog"):
+        load_catalog(tmp_path / "absent.yaml", env={})
+    (tmp_path / "flat.yaml").write_text("- label: A\n  path: a.gguf\n")
+    with pytest.raises(UserError, match="top-level `models:` list"):
+        load_catalog(tmp_path / "flat.yaml", env={})
+
+
+def test_catalog_from_paths(tmp_path):
+    first = tmp_path / "Tiny-Llama-3.2-FineTome-Q4_K_M.gguf"
+    other = tmp_path / "other" / first.name
+    other.parent.mkdir()
+    first.write_bytes(b"GGUF")
+    other.write_bytes(b"GGUF")
+    specs = catalog_from_paths([str(first), str(first), str(other)])
+    assert [spec.label for spec in specs] == ["Tiny-Llama-3.2-FineTome-Q4_K_M", "Tiny-Llama-3.2-FineTome-Q4_K_M (2)",
+                                              "Tiny-Llama-3.2-FineTome-Q4_K_M (3)"]
+    assert [spec.path for spec in specs] == [str(first), str(first), str(other)]
+    with pytest.raises(UserError, match=r"--model: no such file: .*missing\.gguf"):
+        catalog_from_paths([str(first), str(tmp_path / "missing.gguf")])
+    with pytest.raises(UserError, match="at least one"):
+        catalog_from_paths([])
+
+
+def test_engine_rejects_empty_or_ambiguous_catalogs():
+    with pytest.raises(UserError, match="empty"):
+        Engine([])
+    with pytest.raises(UserError, match="repeats a label"):
+        Engine([ModelSpec("A", path="a.gguf"), ModelSpec("A", path="b.gguf")])
+
+
+# ---------------------------------------------------------------------- the real tiny model
+def drain(replies, timeout: float = 120) -> list:
+    """Every state of a stream, consumed in a thread so that a deadlock fails the test instead of hanging it."""
+    states = []
+    thread = threading.Thread(target=lambda: states.extend(replies), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the stream did not finish within {timeout} s (deadlock?)"
+    return states
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    """Two catalog entries on the same file: two separate Llama objects, like the Space's 1B and 3B."""
+    return Engine(catalog_from_paths([str(tiny_gguf), str(tiny_gguf)]))
+
+
+@pytest.fixture(scope="module")
+def small_engine(tiny_gguf):
+    """A 256-token context: trimming and the answer-length cap come into play at once."""
+    return Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=256)
+
+
+def test_stream_chat_streams_growing_text_then_a_final_reply(engine):
+    label = engine.labels[0]
+    states = drain(engine.stream_chat(label, "Tell me about llamas.", system_prompt="Be brief.",
+                                      sampling=Sampling(max_new_tokens=24)))
+    partial, final = states[:-1], states[-1]
+    assert partial and not any(state.done for state in partial)
+    texts = [state.text for state in partial]
+    assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(texts, texts[1:]))
+    assert final.done and final.error is None and final.text == texts[-1]
+    assert final.finish_reason in ("stop", "length") and 0 < final.tokens <= 24
+    assert final.ttft_s > 0 and final.tokens_per_s > 0
+    assert final.stats().startswith("TTFT ") and final.stats().endswith(f"{final.tokens} tokens")
+    assert not engine.is_busy(label)
+
+
+def test_temperature_zero_answers_the_same_twice(engine):
+    label = engine.labels[0]
+    first = drain(engine.stream_chat(label, "Name three colours.", sampling=GREEDY))[-1]
+    engine.stream_chat(label, "Something else in between.", sampling=GREEDY)  # never iterated: runs nothing
+    second = drain(engine.stream_chat(label, "Name three colours.", sampling=GREEDY))[-1]
+    assert first.text and first.text == second.text
+
+
+def test_max_new_tokens_is_honoured(engine):
+    sampling = Sampling(max_new_tokens=16)
+    final = drain(engine.stream_chat(engine.labels[0], "Count to one hundred.", sampling=sampling))[-1]
+    assert 0 < final.tokens <= 16 and final.finish_reason in ("stop", "length")
+    llm = engine.get(engine.labels[0])
+    assert len(llm.tokenize(final.text.encode(), add_bos=False)) <= 16 + 2  # re-tokenizing may merge or split
+
+
+def test_closing_the_stream_mid_answer_frees_the_model(engine):
+    label = engine.labels[0]
+    stream = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
+    assert next(stream).text and engine.is_busy(label)
+    stream.close()  # the Stop button / a client that went away
+    assert not engine.is_busy(label)
+    assert drain(engine.stream_chat(label, "Hello again", sampling=GREEDY), timeout=60)[-1].done
+
+
+def test_an_abandoned_stream_frees_the_model_when_collected(engine):
+    label = engine.labels[0]
+    stream = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
+    next(stream)
+    assert engine.is_busy(label)
+    del stream
+    gc.collect()
+    assert not engine.is_busy(label)
+    assert drain(engine.stream_chat(label, "Still there?", sampling=GREEDY), timeout=60)[-1].done
+
+
+def test_a_stream_that_never_started_holds_nothing(engine):
+    label = engine.labels[0]
+    engine.stream_chat(label, "Created, never iterated.")
+    assert not engine.is_busy(label)
+
+
+def test_cancel_event_stops_the_answer(engine):
+    cancel = threading.Event()
+    states = []
+    for state in engine.stream_chat(engine.labels[0], "Write a long story.", sampling=Sampling(max_new_tokens=200),
+                                    cancel=cancel):
+        states.append(state)
+        if len(states) == 3:
+            cancel.set()
+    assert states[-1].done and states[-1].finish_reason == "cancelled"
+    assert states[-1].tokens <= 4 and not engine.is_busy(engine.labels[0])
+
+
+def test_cancel_while_waiting_for_a_busy_model(engine):
+    label = engine.labels[0]
+    holder = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
+    next(holder)  # another user's answer holds the model
+    cancel = threading.Event()
+    cancel.set()
+    assert drain(engine.stream_chat(label, "Me too", cancel=cancel), timeout=10) == [
+        Reply(text="", done=True, finish_reason="cancelled")]
+    holder.close()
+    assert not engine.is_busy(label)
+
+
+@pytest.mark.parametrize("label, message, expected", [
+    ("No such model", "Hi", "Unknown model 'No such model'; choose one of: "),
+    ("/etc/passwd", "Hi", "Unknown model '/etc/passwd'"),
+    (None, "Hi", "Unknown model"),
+    (0, "Hi", "Unknown model"),
+    ("first", "", "Your message is empty"),
+    ("first", "   \n", "Your message is empty"),
+    ("first", None, "Your message is empty"),
+    ("first", "x" * 8001, "Your message is 8,001 characters, over the limit of 8,000; shorten it."),
+])
+def test_user_mistakes_come_back_as_reply_errors(engine, label, message, expected):
+    label = engine.labels[0] if label == "first" else label
+    states = drain(engine.stream_chat(label, message))
+    assert len(states) == 1 and states[0].done and states[0].finish_reason == "error"
+    assert states[0].error.startswith(expected) and "\n" not in states[0].error
+
+
+def test_too_long_for_the_context_comes_back_as_reply_error(small_engine):
+    states = drain(small_engine.stream_chat(small_engine.labels[0], "word " * 1000))
+    assert len(states) == 1 and states[0].error.startswith("Your message is too long for this model's context (")
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(temperature=-5, top_p=7, max_new_tokens=10**9),
+    Sampling(temperature=float("nan"), top_p=float("nan"), max_new_tokens=float("nan")),
+    Sampling(temperature="hot", top_p=None, max_new_tokens=-3),
+])
+def test_hostile_sampling_values_still_answer(small_engine, sampling):
+    final = drain(small_engine.stream_chat(small_engine.labels[0], "Hi", sampling=sampling))[-1]
+    assert final.done and final.error is None and final.text
+    assert final.tokens <= 256 // 2  # clamped to ≤ 1024, then to half the 256-token context
+
+
+def test_long_conversation_is_trimmed_and_still_answered(small_engine):
+    label = small_engine.labels[0]
+    history = []
+    for turn in range(20):  # ≈ 20 × 30 tokens: more than twice the 256-token context
+        history += [{"role": "user", "content": [{"type": "text", "text": f"Question {turn}: " + "why " * 10}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": f"Answer {turn}: " + "because " * 10}]}]
+    final = drain(small_engine.stream_chat(label, "And now?", history, system_prompt="Be brief.",
+                                           sampling=Sampling(max_new_tokens=32)))[-1]
+    assert final.done and final.error is None and 0 < final.tokens <= 32
+    assert small_engine.get(label).n_tokens <= 256
+
+
+def test_stream_compare_sequential_runs_a_then_b(engine):
+    a, b = engine.labels
+    states = drain(engine.stream_compare(a, b, "Hi", sampling=GREEDY))
+    reply_a, reply_b = states[-1]
+    assert reply_a.done and reply_b.done and reply_a.text and reply_b.text
+    assert all(state_a.done for state_a, state_b in states if state_b.tokens)  # B only once A is complete
+    assert not engine.is_busy(a) and not engine.is_busy(b)
+
+
+def test_stream_compare_interleaved_alternates_tokens(engine):
+    a, b = engine.labels
+    states = drain(engine.stream_compare(a, b, "Hi", sampling=Sampling(temperature=0, max_new_tokens=24),
+                                         mode="interleaved"))
+    reply_a, reply_b = states[-1]
+    assert reply_a.done and reply_b.done and reply_a.text and reply_b.text
+    assert any(state_a.tokens and state_b.tokens and not state_a.done for state_a, state_b in states)
+    # Same file, same greedy settings: interleaving must not mix the two contexts up.
+    assert reply_a.text == reply_b.text
+    assert not engine.is_busy(a) and not engine.is_busy(b)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "interleaved"])
+def test_stream_compare_same_model_twice_does_not_deadlock(engine, mode):
+    label = engine.labels[0]
+    reply_a, reply_b = drain(engine.stream_compare(label, label, "Hi", sampling=GREEDY, mode=mode), timeout=60)[-1]
+    assert reply_a.done and reply_b.done and reply_a.text and reply_b.text
+    assert not engine.is_busy(label)
+
+
+def test_opposite_comparisons_at_once_do_not_deadlock(engine):
+    a, b = engine.labels
+    sampling = Sampling(max_new_tokens=24)
+    results = []
+    threads = [threading.Thread(target=lambda pair=pair: results.append(list(
+        engine.stream_compare(*pair, "Hi", sampling=sampling, mode="interleaved"))[-1]), daemon=True)
+        for pair in ((a, b), (b, a))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "deadlock between (A, B) and (B, A)"
+    assert len(results) == 2 and all(reply.done and reply.text for pair in results for reply in pair)
+
+
+def test_closing_an_interleaved_compare_frees_both_models(engine):
+    a, b = engine.labels
+    stream = engine.stream_compare(a, b, "Write a long story.", sampling=Sampling(max_new_tokens=200),
+                                   mode="interleaved")
+    for _, reply_b in stream:
+        if reply_b.tokens:
+            break
+    assert engine.is_busy(a) and engine.is_busy(b)
+    stream.close()
+    assert not engine.is_busy(a) and not engine.is_busy(b)
+
+
+def test_stream_compare_reports_each_sides_mistakes(engine):
+    a = engine.labels[0]
+    reply_a, reply_b = drain(engine.stream_compare(a, "nope", "Hi", sampling=GREEDY, mode="interleaved"))[-1]
+    assert reply_a.done and reply_a.text and reply_a.error is None
+    assert reply_b.done and reply_b.error.startswith("Unknown model 'nope'")
+    (bad_a, bad_b), = drain(engine.stream_compare(a, a, "Hi", mode="sideways"))
+    assert bad_a.error == bad_b.error == "Unknown compare mode 'sideways'; choose one of: sequential, interleaved"
+
+
+def test_state_cache_stores_states_slim_and_the_longest_of_a_conversation():
+    import numpy as np
+    from llama_cpp.llama import LlamaState
+
+    def state():
+        return LlamaState(input_ids=np.zeros(8, np.intc), scores=np.ones((3, 5), np.single), n_tokens=3,
+                          llama_state=b"kv", llama_state_size=2, seed=0)
+
+    cache = engine_module._StateCache(capacity_bytes=2**20)
+    cache[[1, 2, 3]] = state()
+    cache[[1, 2, 9]] = state()  # another conversation (or a retried answer): kept
+    cache[[1, 2, 3, 4, 5]] = state()  # the first conversation's next turn replaces its previous state
+    assert list(cache.cache_state) == [(1, 2, 9), (1, 2, 3, 4, 5)]
+    assert all(state.scores.shape == (1, 5) for state in cache.cache_state.values())
+
+
+def test_prompt_states_are_cached_without_their_logits_copy(engine):
+    label = engine.labels[1]
+    drain(engine.stream_chat(label, "Remember me.", sampling=GREEDY))
+    states = list(engine.get(label).cache.cache_state.values())
+    assert states and all(state.scores.shape[0] == 1 for state in states)
+
+
+# ---------------------------------------------------------------------- loading
+def test_threads_follow_cpu_affinity_not_cpu_count(tiny_gguf, monkeypatch):
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 64)
+    engine = Engine(catalog_from_paths([str(tiny_gguf)]))
+    assert engine.n_threads == 1
+    params = engine.get(engine.labels[0]).context_params
+    assert params.n_threads == 1 and params.n_threads_batch == 1
+
+
+def test_hub_entries_load_through_from_pretrained(tiny_gguf, monkeypatch):
+    calls = []
+
+    def from_pretrained(repo_id, filename, **settings):  # stands in for the Hub download
+        calls.append((repo_id, filename, settings))
+        return engine_module.Llama(model_path=str(tiny_gguf), **settings)
+
+    monkeypatch.setattr(engine_module.Llama, "from_pretrained", from_pretrained)
+    engine = Engine([ModelSpec("Hub model", repo_id="me/Model-GGUF", filename="*Q4_K_M.gguf")], n_ctx=512)
+    assert drain(engine.stream_chat("Hub model", "Hi", sampling=GREEDY))[-1].text
+    assert engine.get("Hub model") is engine.get("Hub model")  # loaded once, kept
+    (repo_id, filename, settings), = calls
+    assert (repo_id, filename) == ("me/Model-GGUF", "*Q4_K_M.gguf")
+    assert settings["n_ctx"] == 512 and settings["verbose"] is False
+
+
+def test_only_catalog_models_are_ever_loaded(tiny_gguf):
+    loaded = []
+
+    def loader(spec):
+        loaded.append(spec)
+        return engine_module.Llama(model_path=str(tiny_gguf), n_ctx=512, verbose=False)
+
+    engine = Engine([ModelSpec("Only", path=str(tiny_gguf))], loader=loader)
+    for label in ("../etc/passwd", str(tiny_gguf), "only", "Only "):
+        assert drain(engine.stream_chat(label, "Hi"))[-1].error.startswith("Unknown model")
+    with pytest.raises(UserError, match="choose one of: Only"):
+        engine.get("other")
+    assert loaded == []
+    assert drain(engine.stream_chat("Only", "Hi", sampling=GREEDY))[-1].text
+    assert loaded == [ModelSpec("Only", path=str(tiny_gguf))]
+
+
+def test_a_model_that_fails_to_load_comes_back_as_reply_error():
+    def loader(spec):
+        raise RuntimeError("404 Client Error: repository not found\nmore details")
+
+    engine = Engine([ModelSpec("Gone", repo_id="me/gone", filename="*.gguf")], loader=loader)
+    state, = drain(engine.stream_chat("Gone", "Hi"))
+    assert state.error == "Could not load model 'Gone': 404 Client Error: repository not found more details"
+
+
+# ---------------------------------------------------------------------- votes
+def test_vote_log_appends_json_lines(tmp_path):
+    log = VoteLog(tmp_path / "votes" / "deep" / "votes.jsonl")
+    first = log.record("1B", "3B", "A", "Hi", "Hello", "Hey", blind=True)
+    log.record("3B", "1B", "both bad", "Ünïcode ✓", "a\nb", "", blind=False)
+    lines = (tmp_path / "votes" / "deep" / "votes.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records[0] == first
+    assert [record["vote"] for record in records] == ["A", "both bad"]
+    assert records[1]["prompt"] == "Ünïcode ✓" and records[1]["answer_a"] == "a\nb" and records[1]["blind"] is False
+    assert datetime.fromisoformat(first["timestamp"]).utcoffset().total_seconds() == 0
+    assert set(first) == {"timestamp", "model_a", "model_b", "vote", "prompt", "answer_a", "answer_b", "blind"}
+
+
+@pytest.mark.parametrize("vote", ["a", "C", "", None, "both"])
+def test_vote_log_rejects_unknown_votes(tmp_path, vote):
+    log = VoteLog(tmp_path / "votes.jsonl")
+    with pytest.raises(UserError, match="choose one of: A, B, tie, both bad"):
+        log.record("1B", "3B", vote, "Hi", "x", "y", blind=True)
+    assert not (tmp_path / "votes.jsonl").exists()
+
+
+def test_vote_log_pushes_with_a_commit_scheduler(tmp_path):
+    class CountingLock:
+        def __init__(self):
+            self.entered, self._lock = 0, threading.Lock()
+
+        def __enter__(self):
+            self.entered += 1
+            return self._lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self._lock.__exit__(*exc)
+
+    schedulers = []
+
+    def factory(**arguments):
+        schedulers.append(SimpleNamespace(arguments=arguments, lock=CountingLock()))
+        return schedulers[-1]
+
+    path = unique_vote_file(tmp_path / "votes")
+    log = VoteLog(path, hub_repo_id="me/space-votes", every_minutes=5, scheduler_factory=factory)
+    log.record("1B", "3B", "tie", "Hi", "x", "y", blind=True)
+    (scheduler,) = schedulers
+    assert scheduler.arguments == dict(repo_id="me/space-votes", repo_type="dataset", folder_path=path.parent,
+                                       path_in_repo="votes", every=5)
+    assert scheduler.lock.entered == 1 and log.scheduler is scheduler
+    assert path.parent == tmp_path / "votes" and path.name.startswith("votes-") and path.suffix == ".jsonl"
+    assert unique_vote_file(tmp_path) != unique_vote_file(tmp_path)
+
+
+def test_vote_log_without_hub_repo_makes_no_scheduler(tmp_path):
+    def factory(**arguments):
+        raise AssertionError("no scheduler without hub_repo_id")
+
+    assert VoteLog(tmp_path / "v.jsonl", scheduler_factory=factory).scheduler is None

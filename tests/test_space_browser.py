@@ -1,0 +1,83 @@
+"""The Space in a real browser: Debian's Chromium, driven by Playwright, against the real server and model.
+
+Types a message and watches the answer stream, switches model, compares two models blind and votes.
+Screenshots land in test-artifacts/ (ignored by git) for a human to look at.
+"""
+
+import re
+import shutil
+
+import pytest
+
+from conftest import ARTIFACTS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed "
+                                "(make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            # Root in a container needs --no-sandbox; this machine's network is closed, so Chromium's own
+            # background traffic (updates, sync, component downloads) is turned off rather than refused.
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(server[0])
+        yield page
+        browser.close()
+
+
+def last_bot_message(page, chatbot_id: str) -> str:
+    messages = page.locator(f"#{chatbot_id} .message.bot, #{chatbot_id} [data-testid='bot']")
+    return messages.last.inner_text() if messages.count() else ""
+
+
+def test_chat_streams_an_answer(page):
+    page.locator("#chat-input textarea").fill("Hello! Tell me about llamas.")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "() => (document.querySelector('#chat-stats')?.innerText || '').includes('tok/s')", timeout=60_000)
+    assert last_bot_message(page, "chat-bot").strip()
+    assert re.search(r"TTFT [\d.]+ s", page.locator("#chat-stats").inner_text())
+    page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+
+
+def test_switching_model_answers_with_the_other_model(page):
+    page.locator("#chat-model input").click()
+    page.get_by_role("option", name="Tiny-B-Q4_K_M").click()
+    assert page.locator("#chat-model input").input_value() == "Tiny-B-Q4_K_M"
+    before = page.locator("#chat-bot .message.bot, #chat-bot [data-testid='bot']").count()
+    page.locator("#chat-input textarea").fill("And now from the other model?")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#chat-bot .message.bot, #chat-bot [data-testid=\"bot\"]').length > {before}",
+        timeout=60_000)
+    page.wait_for_function(
+        "() => (document.querySelector('#chat-stats')?.innerText || '').includes('tok/s')", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "chat-model-b.png"), full_page=True)
+
+
+def test_compare_blind_then_vote_reveals_the_models(page):
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-message textarea").fill("What is the capital of France?")
+    page.locator("#compare-send").click()
+    for side in ("a", "b"):
+        page.wait_for_function(
+            f"() => (document.querySelector('#compare-stats-{side}')?.innerText || '').includes('tok/s')",
+            timeout=90_000)
+    assert "Model A" in page.locator("#compare-stats-a").inner_text()  # names hidden in blind mode
+    assert last_bot_message(page, "compare-chat-a").strip() and last_bot_message(page, "compare-chat-b").strip()
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    page.locator("#vote-tie").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#compare-reveal')?.innerText || '').includes('Tiny-A-Q4_K_M')",
+        timeout=30_000)
+    assert "Tiny-B-Q4_K_M" in page.locator("#compare-reveal").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "vote.png"), full_page=True)
