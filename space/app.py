@@ -21,7 +21,8 @@ import gradio as gr
 # Runs as `python space/app.py` in the repo and as `python app.py` in the Space: engine.py sits beside it.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import Engine, Sampling, UserError, VoteLog, catalog_from_paths, load_catalog  # noqa: E402
+from engine import (Engine, Sampling, UserError, VoteLog, catalog_from_paths, load_catalog,  # noqa: E402
+                    unique_vote_file)
 
 VOTES = ("A", "B", "tie", "both bad")
 EXAMPLES = [
@@ -168,7 +169,10 @@ def main(argv=None) -> None:
     except UserError as e:
         sys.exit(f"error: {e}")
     engine = Engine(catalog, n_ctx=args.n_ctx)
-    votes = VoteLog(Path(args.votes), hub_repo_id=args.votes_repo)
+    votes_path = Path(args.votes)
+    if args.votes_repo:  # pushed to the Hub: one file per process, so a restarted Space never overwrites votes
+        votes_path = unique_vote_file(votes_path.parent)
+    votes = VoteLog(votes_path, hub_repo_id=args.votes_repo)
     app = build_app(engine, votes, compare_mode=args.compare_mode)
     # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
     app.queue(default_concurrency_limit=4)
