@@ -101,17 +101,18 @@ def _one_line(text: str, token: str | None) -> str:
 
 
 @contextmanager
-def _hub_errors(repo_id: str, token: str | None):
-    """Turn the Hub's and the network's exceptions into one-line ExportErrors naming the repo, never the token."""
+def hub_errors(action: str, token: str | None, fixes: dict[int, str] = HTTP_FIXES, retry: str = "push again"):
+    """Turn the Hub's and the network's exceptions into one-line ExportErrors that say what failed (`action`, e.g.
+    "pushing to user/model") and how to fix it, never the token."""
     try:
         yield
     except HfHubHTTPError as error:
         status = getattr(error.response, "status_code", None)
-        fix = HTTP_FIXES.get(status) or _one_line(error.server_message or "no message from the Hub", token)
-        raise ExportError(f"pushing to {repo_id} failed (HTTP {status}): {fix}") from error
+        fix = fixes.get(status) or _one_line(error.server_message or "no message from the Hub", token)
+        raise ExportError(f"{action} failed (HTTP {status}): {fix}") from error
     except (httpx.HTTPError, OfflineModeIsEnabled) as error:
-        raise ExportError(f"pushing to {repo_id} failed: cannot reach the Hugging Face Hub ({type(error).__name__}); "
-                          "check the network and that HF_HUB_OFFLINE is not set, then push again") from error
+        raise ExportError(f"{action} failed: cannot reach the Hugging Face Hub ({type(error).__name__}); "
+                          f"check the network and that HF_HUB_OFFLINE is not set, then {retry}") from error
 
 
 def push_export(client, repo_id: str, files: list[Path], card: str, private: bool, merged_dir: Path | None = None,
@@ -137,14 +138,14 @@ def push_export(client, repo_id: str, files: list[Path], card: str, private: boo
     names = [path.name for path in files]
     operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=path) for path in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    with _hub_errors(repo_id, token):
+    with hub_errors(f"pushing to {repo_id}", token):
         repo_url = client.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         client.create_commit(repo_id, operations, commit_message=f"Upload {', '.join(names)} and README.md",
                              repo_type="model")
 
     merged_repo_url = None
     if merged_dir is not None:
-        with _hub_errors(merged_repo_id, token):
+        with hub_errors(f"pushing to {merged_repo_id}", token):
             merged_repo_url = client.create_repo(merged_repo_id, repo_type="model", private=private, exist_ok=True)
             client.upload_folder(repo_id=merged_repo_id, folder_path=merged_dir, repo_type="model",
                                  commit_message=f"Upload the merged 16-bit model behind {repo_id}",

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -34,14 +33,12 @@ from pathlib import Path, PurePosixPath
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
 import yaml  # noqa: E402
 from huggingface_hub import CommitOperationAdd  # noqa: E402
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled  # noqa: E402
 
 from export.errors import ExportError  # noqa: E402
 from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
-from export.hub import HTTP_FIXES, resolve_token, validate_repo_id  # noqa: E402
+from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id  # noqa: E402
 
 # Read at call time, so tests can point them at a folder of their own.
 SPACE_DIR = REPO / "space"
@@ -395,26 +392,6 @@ def write_dry_run(target: Path, config: DeployConfig, tree: SpaceTree) -> None:
         os.replace(staging, target)
 
 
-def _one_line(text: str, token: str | None) -> str:
-    text = " ".join(text.split())
-    return text.replace(token, "***") if token else text
-
-
-@contextmanager
-def hub_errors(space_id: str, token: str | None):
-    """The Hub's and the network's exceptions as one-line ExportErrors naming the Space, never the token."""
-    try:
-        yield
-    except HfHubHTTPError as error:
-        status = getattr(error.response, "status_code", None)
-        fix = DEPLOY_HTTP_FIXES.get(status) or _one_line(error.server_message or "no message from the Hub", token)
-        raise ExportError(f"deploying to the Space {space_id} failed (HTTP {status}): {fix}") from error
-    except (httpx.HTTPError, OfflineModeIsEnabled) as error:
-        raise ExportError(f"deploying to the Space {space_id} failed: cannot reach the Hugging Face Hub "
-                          f"({type(error).__name__}); check the network and that HF_HUB_OFFLINE is not set, "
-                          "then deploy again") from error
-
-
 def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = None) -> dict:
     """Create the Space if needed, set its variables, and upload the tree in one commit.
 
@@ -426,7 +403,7 @@ def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = No
     space_id = config.space_id
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
                   for name, content in tree.files.items()]
-    with hub_errors(space_id, token):
+    with hub_errors(f"deploying to the Space {space_id}", token, DEPLOY_HTTP_FIXES, retry="deploy again"):
         space_url = client.create_repo(space_id, repo_type="space", space_sdk="gradio", space_hardware=HARDWARE,
                                        private=config.private, exist_ok=True)
         for key, value in tree.variables.items():

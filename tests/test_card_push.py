@@ -2,18 +2,15 @@
 HfApi's real signature, so what is asserted here is what the Hub would receive."""
 
 import ast
-import inspect
 import re
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import yaml
-from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from huggingface_hub.utils import filter_repo_objects, hf_raise_for_status
 
+from hub_recorder import RecordingClient
 from export import hub
 from export.card import TAGS, render_model_card
 from export.errors import ExportError
@@ -168,48 +165,6 @@ def test_card_ends_with_the_license_and_use_policy():
 
 
 # ---------------------------------------------------------------- Hub push
-
-
-@dataclass
-class Call:
-    method: str
-    args: tuple
-    kwargs: dict
-    arguments: dict  # the call bound to HfApi's own signature: a call HfApi would reject fails in _record
-    operations: list = field(default_factory=list)  # create_commit: (path_in_repo, local path or bytes)
-
-
-class RecordingClient:
-    """Stands in for HfApi: records each call and answers like the Hub, or raises `fail[method]`."""
-
-    def __init__(self, token: str | None = None, fail: dict | None = None):
-        self.token = token  # HfApi(token=...) keeps it here too
-        self.fail = fail or {}
-        self.calls: list[Call] = []
-
-    def _record(self, method: str, args: tuple, kwargs: dict) -> Call:
-        arguments = inspect.signature(getattr(HfApi, method)).bind(self, *args, **kwargs).arguments
-        arguments.pop("self")
-        call = Call(method, args, kwargs, arguments)
-        self.calls.append(call)
-        if method in self.fail:
-            raise self.fail[method]
-        return call
-
-    def create_repo(self, *args, **kwargs) -> RepoUrl:
-        call = self._record("create_repo", args, kwargs)
-        return RepoUrl(f"https://huggingface.co/{call.arguments['repo_id']}")
-
-    def create_commit(self, *args, **kwargs) -> CommitInfo:
-        call = self._record("create_commit", args, kwargs)
-        call.operations = [(op.path_in_repo, op.path_or_fileobj) for op in call.arguments["operations"]]
-        return CommitInfo(commit_url=f"https://huggingface.co/{call.arguments['repo_id']}/commit/{'0' * 40}",
-                          commit_message=call.arguments["commit_message"], commit_description="", oid="0" * 40)
-
-    def upload_folder(self, *args, **kwargs) -> CommitInfo:
-        call = self._record("upload_folder", args, kwargs)
-        return CommitInfo(commit_url=f"https://huggingface.co/{call.arguments['repo_id']}/commit/{'1' * 40}",
-                          commit_message=call.arguments["commit_message"], commit_description="", oid="1" * 40)
 
 
 @pytest.fixture

@@ -4,22 +4,20 @@ that checks every call against HfApi's own signature, so what is asserted here i
 import doctest
 import importlib.metadata
 import importlib.util
-import inspect
 import json
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from huggingface_hub.utils import hf_raise_for_status
+
+from hub_recorder import RecordingClient
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "deploy_space.py"
@@ -242,54 +240,6 @@ def test_dry_run_needs_no_token(deploy_space, fake_space, tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- a real run, against a recording client
-
-
-@dataclass
-class Call:
-    method: str
-    args: tuple
-    kwargs: dict
-    arguments: dict  # the call bound to HfApi's own signature: a call HfApi would reject fails in _record
-    operations: list = field(default_factory=list)  # create_commit: (path_in_repo, bytes)
-
-
-class RecordingClient:
-    """Stands in for HfApi: records each call and answers like the Hub, or raises `fail[method]`."""
-
-    def __init__(self, token: str | None = None, existing: list[str] | None = None, fail: dict | None = None):
-        self.token = token
-        self.existing = existing if existing is not None else [".gitattributes", "README.md"]
-        self.fail = fail or {}
-        self.calls: list[Call] = []
-
-    def _record(self, method: str, args: tuple, kwargs: dict) -> Call:
-        arguments = inspect.signature(getattr(HfApi, method)).bind(self, *args, **kwargs).arguments
-        arguments.pop("self")
-        call = Call(method, args, kwargs, arguments)
-        self.calls.append(call)
-        if method in self.fail:
-            raise self.fail[method]
-        return call
-
-    def create_repo(self, *args, **kwargs) -> RepoUrl:
-        call = self._record("create_repo", args, kwargs)
-        return RepoUrl(f"https://huggingface.co/spaces/{call.arguments['repo_id']}")
-
-    def add_space_variable(self, *args, **kwargs) -> dict:
-        self._record("add_space_variable", args, kwargs)
-        return {}
-
-    def list_repo_files(self, *args, **kwargs) -> list[str]:
-        self._record("list_repo_files", args, kwargs)
-        return list(self.existing)
-
-    def create_commit(self, *args, **kwargs) -> CommitInfo:
-        call = self._record("create_commit", args, kwargs)
-        operations = list(call.arguments["operations"])
-        assert all(isinstance(op, CommitOperationAdd) for op in operations)  # adds only: nothing is deleted
-        call.operations = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
-        return CommitInfo(commit_url=f"https://huggingface.co/spaces/{call.arguments['repo_id']}/commit/{'0' * 40}",
-                          commit_message=call.arguments["commit_message"], commit_description="", oid="0" * 40)
 
 
 def hub_error(status: int, message: str) -> Exception:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_GGUF_NAME as NAME, run_cli
+from hub_recorder import RecordingClient
 
 
 def test_export_writes_verified_q4_k_m_and_q8_0(exported):
@@ -115,24 +116,6 @@ def test_sigkill_during_quantization_leaves_no_partial_file(trained_adapter, tmp
     assert (out / f"{NAME}-Q4_K_M.gguf").is_file() and not list(out.glob(".*.tmp-*"))
 
 
-class RecordingClient:
-    """Stands in for huggingface_hub.HfApi at the narrowest boundary and records every call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}"
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: op.path_or_fileobj for op in operations}
-        self.calls.append(("create_commit", repo_id, files, kwargs))
-
-    def upload_folder(self, repo_id, folder_path, **kwargs):
-        self.calls.append(("upload_folder", repo_id, str(folder_path), kwargs))
-
-
 def test_push_uploads_the_files_and_card_in_one_commit(exported, trained_adapter, monkeypatch, capsys):
     from export.cli import main
 
@@ -141,11 +124,12 @@ def test_push_uploads_the_files_and_card_in_one_commit(exported, trained_adapter
     client = RecordingClient()
     assert main(["--adapter", str(trained_adapter), "--out", str(out), "--quant", "q4_k_m", "q8_0",
                  "--push", "--repo-id", "someone/Tiny-FineTome-GGUF", "--private"], client=client) == 0
-    (create, commit) = [c for c in client.calls if c[0] in ("create_repo", "create_commit")]
-    assert create[1] == "someone/Tiny-FineTome-GGUF" and create[2]["private"] is True
-    assert commit[1] == "someone/Tiny-FineTome-GGUF"
-    assert sorted(commit[2]) == sorted(["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"])
-    card = commit[2]["README.md"]
+    create, commit = [c for c in client.calls if c.method in ("create_repo", "create_commit")]
+    assert create.arguments["repo_id"] == "someone/Tiny-FineTome-GGUF" and create.arguments["private"] is True
+    assert commit.arguments["repo_id"] == "someone/Tiny-FineTome-GGUF"
+    files = dict(commit.operations)
+    assert sorted(files) == sorted(["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"])
+    card = files["README.md"]
     card = card.decode() if isinstance(card, bytes) else Path(card).read_text()
     assert 'Llama.from_pretrained(repo_id="someone/Tiny-FineTome-GGUF", filename="*Q4_K_M.gguf"' in card
     captured = capsys.readouterr()

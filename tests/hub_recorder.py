@@ -1,0 +1,69 @@
+"""A stand-in for huggingface_hub.HfApi at the narrowest boundary: it records every call, checks each against
+HfApi's real signature (a keyword HfApi would reject fails here too), and answers like the Hub."""
+
+import inspect
+from dataclasses import dataclass, field
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.hf_api import CommitInfo, RepoUrl
+
+
+@dataclass
+class Call:
+    method: str
+    args: tuple
+    kwargs: dict
+    arguments: dict  # the call bound to HfApi's own signature
+    operations: list = field(default_factory=list)  # create_commit: (path_in_repo, local path or bytes)
+
+
+class RecordingClient:
+    """Records each call and answers like the Hub, or raises `fail[method]`.
+
+    `existing`: the files list_repo_files reports (a repo that already has content).
+    """
+
+    def __init__(self, token: str | None = None, existing: list[str] | None = None, fail: dict | None = None):
+        self.token = token  # HfApi(token=...) keeps it here too
+        self.existing = existing if existing is not None else [".gitattributes", "README.md"]
+        self.fail = fail or {}
+        self.calls: list[Call] = []
+
+    def _record(self, method: str, args: tuple, kwargs: dict) -> Call:
+        arguments = inspect.signature(getattr(HfApi, method)).bind(self, *args, **kwargs).arguments
+        arguments.pop("self")
+        call = Call(method, args, kwargs, arguments)
+        self.calls.append(call)
+        if method in self.fail:
+            raise self.fail[method]
+        return call
+
+    @staticmethod
+    def _url(arguments: dict) -> str:
+        prefix = "spaces/" if arguments.get("repo_type") == "space" else ""
+        return f"https://huggingface.co/{prefix}{arguments['repo_id']}"
+
+    def _commit_info(self, call: Call, oid: str) -> CommitInfo:
+        return CommitInfo(commit_url=f"{self._url(call.arguments)}/commit/{oid}",
+                          commit_message=call.arguments["commit_message"], commit_description="", oid=oid)
+
+    def create_repo(self, *args, **kwargs) -> RepoUrl:
+        return RepoUrl(self._url(self._record("create_repo", args, kwargs).arguments))
+
+    def create_commit(self, *args, **kwargs) -> CommitInfo:
+        call = self._record("create_commit", args, kwargs)
+        operations = list(call.arguments["operations"])
+        assert all(isinstance(op, CommitOperationAdd) for op in operations)  # adds only: nothing is deleted
+        call.operations = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
+        return self._commit_info(call, "0" * 40)
+
+    def upload_folder(self, *args, **kwargs) -> CommitInfo:
+        return self._commit_info(self._record("upload_folder", args, kwargs), "1" * 40)
+
+    def add_space_variable(self, *args, **kwargs) -> dict:
+        self._record("add_space_variable", args, kwargs)
+        return {}
+
+    def list_repo_files(self, *args, **kwargs) -> list[str]:
+        self._record("list_repo_files", args, kwargs)
+        return list(self.existing)
