@@ -218,3 +218,39 @@ def test_compare_logits_counts_ties_within_tolerance():
     assert stats["max_abs_diff"] == pytest.approx(0.01) and stats["kld_mean"] > 0
     far = [np.array([[0.0, 0.0, 1.0], [0.0, 2.0, 1.0]], dtype=np.float32)]  # a real disagreement at row 0
     assert compare_logits(reference, far)["top1_agreement_ties"] == 0.5
+
+
+def test_base_named_by_a_4bit_adapter_is_downloaded_in_16_bit(tmp_path, monkeypatch, tiny_model_dir):
+    """A real user's adapter names its Hub base; the Hub is the one thing mocked, at snapshot_download."""
+    import huggingface_hub
+
+    from export.config import ExportConfig
+    from export.errors import ExportError
+    from export.pipeline import default_name, resolve_base
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 16, "lora_alpha": 16, "target_modules": ["q_proj"],
+         "base_model_name_or_path": "unsloth/Llama-3.2-1B-Instruct-unsloth-bnb-4bit"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    name, folder = resolve_base(ExportConfig(adapter=str(adapter)), run=None)
+    assert name == "unsloth/Llama-3.2-1B-Instruct" and folder == tiny_model_dir
+    assert calls == [("unsloth/Llama-3.2-1B-Instruct",
+                      {"allow_patterns": ["*.safetensors", "*.json", "*.jinja", "tokenizer*"]})]
+    assert default_name(name) == "Llama-3.2-1B-Instruct-FineTome"
+
+    def offline(repo_id, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ExportError) as caught:
+        resolve_base(ExportConfig(adapter=str(adapter)), run=None)
+    assert str(caught.value).count("\n") == 0 and "could not download base model" in str(caught.value)

@@ -86,7 +86,7 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
-def _callbacks(config: TrainConfig, output_dir: Path, total_steps: int):
+def _callbacks(config: TrainConfig, output_dir: Path):
     """The progress bar and the checkpoint sealer, as transformers TrainerCallbacks."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -284,7 +284,7 @@ def run(config: TrainConfig) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=loaded.tokenizer,
-        callbacks=_callbacks(config, output_dir, config.max_steps),
+        callbacks=_callbacks(config, output_dir),
     )
     trainer.remove_callback(PrinterCallback)
     if resume_from is not None:
