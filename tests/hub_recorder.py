@@ -67,3 +67,18 @@ class RecordingClient:
     def list_repo_files(self, *args, **kwargs) -> list[str]:
         self._record("list_repo_files", args, kwargs)
         return list(self.existing)
+
+
+def hub_error(status: int, message: str) -> Exception:
+    """The exception huggingface_hub itself raises for a Hub response with this status and message."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import hf_raise_for_status
+
+    response = httpx.Response(status, json={"error": message},
+                              request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+    try:
+        hf_raise_for_status(response)
+    except HfHubHTTPError as error:
+        return error
+    raise AssertionError(f"HTTP {status} raised nothing")

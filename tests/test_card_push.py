@@ -7,10 +7,9 @@ import re
 import httpx
 import pytest
 import yaml
-from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import filter_repo_objects, hf_raise_for_status
+from huggingface_hub.utils import filter_repo_objects
 
-from hub_recorder import RecordingClient
+from hub_recorder import RecordingClient, hub_error
 from export import hub
 from export.card import TAGS, render_model_card
 from export.errors import ExportError
@@ -186,15 +185,6 @@ def merged_dir(tmp_path):
                  "merge_manifest.json"]:
         (folder / name).write_text(name)
     return folder
-
-
-def hub_error(status: int, message: str) -> Exception:
-    """The exception huggingface_hub itself raises for this response."""
-    response = httpx.Response(status, json={"error": message},
-                              request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
-    with pytest.raises(HfHubHTTPError) as caught:
-        hf_raise_for_status(response)
-    return caught.value
 
 
 @pytest.mark.parametrize("private", [True, False])

@@ -14,10 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import hf_raise_for_status
 
-from hub_recorder import RecordingClient
+from hub_recorder import RecordingClient, hub_error
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "deploy_space.py"
@@ -240,15 +238,6 @@ def test_dry_run_needs_no_token(deploy_space, fake_space, tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- a real run, against a recording client
-
-
-def hub_error(status: int, message: str) -> Exception:
-    """The exception huggingface_hub itself raises for this response."""
-    response = httpx.Response(status, json={"error": message},
-                              request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
-    with pytest.raises(HfHubHTTPError) as caught:
-        hf_raise_for_status(response)
-    return caught.value
 
 
 @pytest.mark.parametrize("private", [False, True])
