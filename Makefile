@@ -26,10 +26,9 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
+# Train (with a SIGKILL and a resume), export, chat, then serve the Space; DEMO_NO_LAUNCH=1 skips serving.
 demo: $(STAMP)
-	$(PY) train/run.py --preset tiny --output-dir outputs/demo --max-steps 6 --save-steps 2
-	$(PY) export/to_gguf.py --adapter outputs/demo/adapter --out outputs/demo/gguf
-	@echo "demo: trained and exported the tiny preset (the Space joins the demo in a later stage)"
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -169,7 +169,9 @@ def run(config: ExportConfig, client=None) -> dict:
     for p in outputs:
         log(f"export: {p} ({_size(p)})")
     log(f"export: report {report_path}, model card {out_dir / 'README.md'}, merged model {out_dir / MERGED}")
-    log(f"export: f16 vs merged top-1 {report['logits_f16_vs_merged']['top1_agreement']:.2%}; " + "; ".join(
+    parity = report["logits_f16_vs_merged"]
+    log(f"export: f16 vs merged top-1 {parity['top1_agreement_ties']:.2%} (exact {parity['top1_agreement']:.2%}); "
+        + "; ".join(
         f"{q} KLD {s['kld_mean']:.5f}, top-1 {s['top1_agreement']:.2%}" for q, s in report["quantization"].items()))
 
     if config.push:
