@@ -78,13 +78,15 @@ class ExportConfig:
         return self.adapter_dir.parent / "gguf"
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises UsageError, so every mistake is reported the same way."""
+
     def error(self, message):
         raise UsageError([message])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="python export/to_gguf.py",
         description="Merge a LoRA adapter into its 16-bit base, convert to GGUF with llama.cpp's own converter, "
         "quantize through llama-cpp-python, verify the result, and optionally push it with a model card.",

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 from huggingface_hub import CommitOperationAdd  # noqa: E402
 
+from export.config import UsageError, UsageParser  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id  # noqa: E402
@@ -78,14 +79,6 @@ CARD = {  # front matter of the Space card, in the order the Hub's docs list the
     "datasets": ["mlabonne/FineTome-100k"],
     "tags": ["llama-cpp", "gguf", "llama-3.2", "finetome", "chatbot", "cpu"],
 }
-
-
-class UsageError(ValueError):
-    """Bad input: each problem is one line naming the flag or file, the value and the fix; exit code 2."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 # ---------------------------------------------------------------- configuration
@@ -151,13 +144,8 @@ class DeployConfig:
         return [{"label": LABELS[size], "repo_id": repo, "filename": GGUF_PATTERN} for size, repo in repos if repo]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError([message])
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python scripts/deploy_space.py",
+    parser = UsageParser(prog="python scripts/deploy_space.py",
                      description="Create or update the Gradio chat Space (free CPU) that serves the q4_k_m GGUFs.")
     parser.add_argument("--space-id", required=True, help="the Space, USER/NAME (created if it does not exist)")
     parser.add_argument("--model-1b", help="Hub repo of the 1B q4_k_m GGUF, USER/NAME (at least one of the two)")
