@@ -10,6 +10,7 @@ The unsloth-vs-hf comparison needs a CUDA GPU; without one the section says it w
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -41,28 +42,30 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
-    import os
-
-    import torch
-
-    runs = [one_run(args.steps) for _ in range(args.repeats)]
+def measure(repeats: int, steps: int) -> dict:
+    """Median tokens/s and peak RSS of `repeats` fresh tiny-preset runs of `steps` optimizer steps."""
+    runs = [one_run(steps) for _ in range(repeats)]
     rates = [r["tokens_per_second"] for r in runs]
     rss = [r["peak_rss_mb"] for r in runs]
-    cores = len(os.sched_getaffinity(0))
-    section = f"""{BEGIN}
+    return dict(repeats=repeats, steps=steps, tokens_per_second=rates, median_tokens_per_second=statistics.median(rates),
+                peak_rss_mb=statistics.median(rss), batch_size=runs[0]["config"]["batch_size"],
+                grad_accum=runs[0]["config"]["grad_accum"])
+
+
+def render(result: dict, measured: str, command: str) -> str:
+    """The training section of docs/benchmarks.md, between its markers."""
+    import torch
+
+    rates = result["tokens_per_second"]
+    return f"""{BEGIN}
 ## Training
 
-Measured {time.strftime('%Y-%m-%d')} on {cpu_name()}, {cores} usable cores, torch {torch.__version__},
-by `python scripts/bench_train.py --repeats {args.repeats} --steps {args.steps}`.
+Measured {measured} on {cpu_name()}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__},
+by `{command}`.
 
 | what | backend | device | median tokens/s | runs (tokens/s) | peak RSS |
 |---|---|---|---|---|---|
-| tiny preset ({runs[0]['config']['batch_size']}×{runs[0]['config']['grad_accum']} conversations/step, {args.steps} steps, fp32) | hf | CPU | {statistics.median(rates):.0f} | {', '.join(f'{r:.0f}' for r in rates)} | {statistics.median(rss):.0f} MB |
+| tiny preset ({result['batch_size']}×{result['grad_accum']} conversations/step, {result['steps']} steps, fp32) | hf | CPU | {result['median_tokens_per_second']:.0f} | {', '.join(f'{r:.0f}' for r in rates)} | {result['peak_rss_mb']:.0f} MB |
 | unsloth vs hf on a 1B-shaped model: tokens/s, peak VRAM, kill and resume | unsloth, hf | CUDA | not measured | — | — |
 
 Tokens/s counts every input token (prompt and answer, no padding) over the training loop's wall time. The tiny
@@ -73,13 +76,26 @@ The unsloth-vs-hf comparison was **not measured**: no CUDA GPU was lent to the t
 stage. It needs a GPU machine: train a locally built 1B-shaped model for ~20 steps with each backend (including
 a kill and resume) and record tokens/s and peak VRAM here.
 {END}"""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nMeasured, not asserted: each section says how and where it was measured.\n\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
+
+
+def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with the block between `begin` and `end` (markers included) replaced by `section`, or appended."""
+    if begin in text:
+        return text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    return text.rstrip() + "\n\n" + section + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    result = measure(args.repeats, args.steps)
+    section = render(result, time.strftime("%Y-%m-%d"),
+                     f"python scripts/bench_train.py --repeats {args.repeats} --steps {args.steps}")
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
-    BENCHMARKS.write_text(text)
+    BENCHMARKS.write_text(replace_section(text, section))
     print(section)
 
 

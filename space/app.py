@@ -22,9 +22,10 @@ import gradio as gr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import (Engine, Sampling, UserError, VoteLog, catalog_from_paths, load_catalog,  # noqa: E402
-                    unique_vote_file)
+                    throttled, unique_vote_file)
 
 VOTES = ("A", "B", "tie", "both bad")
+STREAM_INTERVAL = 0.1  # seconds between streamed updates (see engine.throttled); 0 = one update per token
 EXAMPLES = [
     "Explain what a LoRA adapter is in two sentences.",
     "Write a Python function that checks whether a string is a palindrome.",
@@ -42,7 +43,8 @@ def _sampling(temperature, top_p, max_new_tokens) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
 
-def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved") -> gr.Blocks:
+def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
+              stream_interval: float = STREAM_INTERVAL) -> gr.Blocks:
     labels = engine.labels
     second = labels[1] if len(labels) > 1 else labels[0]
 
@@ -56,8 +58,8 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved")
 
     def chat(message, history, model, system_prompt, temperature, top_p, max_new_tokens):
         reply = None
-        for reply in engine.stream_chat(model, message, history, system_prompt,
-                                        _sampling(temperature, top_p, max_new_tokens)):
+        for reply in throttled(engine.stream_chat(model, message, history, system_prompt,
+                                                  _sampling(temperature, top_p, max_new_tokens)), stream_interval):
             yield (reply.error or reply.text), reply.stats()
 
     def compare(message, model_a, model_b, system_prompt, temperature, top_p, max_new_tokens, blind):
@@ -68,9 +70,9 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved")
         shown = ("Model A", "Model B") if blind else tuple(sides)
         state = {"models": sides, "message": message, "answers": ["", ""], "blind": bool(blind), "voted": False}
         reveal = "Blind: vote to see which model is which." if blind else f"A = {sides[0]}, B = {sides[1]}"
-        for reply_a, reply_b in engine.stream_compare(sides[0], sides[1], message, system_prompt,
-                                                      _sampling(temperature, top_p, max_new_tokens),
-                                                      mode=compare_mode):
+        for reply_a, reply_b in throttled(engine.stream_compare(sides[0], sides[1], message, system_prompt,
+                                                                _sampling(temperature, top_p, max_new_tokens),
+                                                                mode=compare_mode), stream_interval):
             state["answers"] = [reply_a.error or reply_a.text, reply_b.error or reply_b.text]
             yield (
                 [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][0]}],
@@ -159,6 +161,10 @@ def parse_args(argv=None):
                         help="a Hub dataset the vote log is pushed to every 10 minutes (optional)")
     parser.add_argument("--compare-mode", default=os.environ.get("SPACE_COMPARE_MODE", "interleaved"),
                         choices=("sequential", "interleaved"))
+    parser.add_argument("--stream-interval", type=float,
+                        default=float(os.environ.get("SPACE_STREAM_INTERVAL", STREAM_INTERVAL)),
+                        help="seconds between streamed updates (0 = every token; each update costs the CPU that "
+                             "generation uses)")
     return parser.parse_args(argv)
 
 
@@ -173,7 +179,7 @@ def main(argv=None) -> None:
     if args.votes_repo:  # pushed to the Hub: one file per process, so a restarted Space never overwrites votes
         votes_path = unique_vote_file(votes_path.parent)
     votes = VoteLog(votes_path, hub_repo_id=args.votes_repo)
-    app = build_app(engine, votes, compare_mode=args.compare_mode)
+    app = build_app(engine, votes, compare_mode=args.compare_mode, stream_interval=args.stream_interval)
     # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=args.host, server_port=args.port, show_error=True)

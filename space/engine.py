@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -230,6 +230,37 @@ def _reported(what: str):
         raise UserError(f"{what}: {_one_line(error)}") from error
 
 
+def throttled(updates: Iterable, interval: float, clock: Callable[[], float] = time.perf_counter) -> Iterator:
+    """The first update at once, then at most one every `interval` seconds (the newest), and always the last.
+
+    Every update a Space sends costs its CPU: Gradio diffs and serialises the chat and streams it to the browser,
+    on the same 2 vCPUs whose every cycle llama.cpp's threads want. Measured with a 1B-shaped model
+    (scripts/bench.py), one update per token cost about a third of the tokens/s; ten updates a second still
+    read as smooth streaming and cost almost nothing. The first token is never held back (time to first token).
+
+    >>> ticks = iter([0.0, 0.01, 0.02, 0.15, 0.16, 0.17])
+    >>> list(throttled(range(6), 0.1, clock=lambda: next(ticks)))
+    [0, 3, 5]
+    >>> list(throttled(range(3), 0))
+    [0, 1, 2]
+    """
+    last_sent, pending, waiting = None, None, False
+    try:
+        for update in updates:
+            now = clock()
+            if last_sent is None or now - last_sent >= interval:
+                yield update
+                last_sent, waiting = now, False
+            else:
+                pending, waiting = update, True
+        if waiting:
+            yield pending
+    finally:
+        close = getattr(updates, "close", None)
+        if close is not None:
+            close()  # a closed consumer (Stop, client gone) ends the generation and frees the model's lock now
+
+
 # ---------------------------------------------------------------------- Gradio history → messages
 def _field(item, name: str):
     """item[name] for dicts, item.name for objects (gr.ChatMessage, Gradio's pydantic message models)."""
@@ -391,7 +422,7 @@ class Engine:
 
     def __init__(self, catalog: list[ModelSpec], n_ctx: int = 4096, n_threads: int | None = None,
                  max_message_chars: int = 8000, cache_bytes: int = 512 * 2**20,
-                 loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4):
+                 loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4, seed: int | None = None):
         """
         n_threads: llama.cpp threads for generation and prompt processing; default: the CPUs this process may
             use (its affinity: a Space container sees the host's cores in os.cpu_count(), and more threads
@@ -401,6 +432,8 @@ class Engine:
         loader: builds a Llama from a ModelSpec (tests); default: from_pretrained or model_path.
         drop_step: a conversation too long for the context loses its oldest exchanges this many at a time
             (see trim_history), so that only one turn in `drop_step` re-reads the whole prompt.
+        seed: each Llama's sampling seed (default: llama-cpp-python's). Every answer draws its own seed from the
+            previous one, so the same requests in the same order get the same answers (scripts/compare.py).
         """
         if not catalog:
             raise UserError("the model catalog is empty; add a model to space/models.yaml or pass --model PATH")
@@ -413,6 +446,7 @@ class Engine:
         self.max_message_chars = max_message_chars
         self.cache_bytes = cache_bytes
         self.drop_step = max(1, drop_step)
+        self.seed = seed
         self._loader = loader or self._load_llama
         self._models: dict[str, _Model] = {}
         # threading.Lock, not RLock: Gradio may resume a generator on another worker thread than the one that
@@ -424,6 +458,8 @@ class Engine:
     # -------------------------------------------------------------- models
     def _load_llama(self, spec: ModelSpec) -> Llama:
         settings = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
+        if self.seed is not None:
+            settings["seed"] = self.seed
         if spec.path:
             return Llama(model_path=spec.path, **settings)
         return Llama.from_pretrained(spec.repo_id, spec.filename, **settings)  # into the huggingface_hub cache
@@ -453,6 +489,10 @@ class Engine:
     def get(self, label: str) -> Llama:
         """The loaded model for a catalog label (loaded on first use, then kept); UserError for any other label."""
         return self._model(label).llm
+
+    def chat_formatter(self, label: str) -> Jinja2ChatFormatter:
+        """The formatter this model's prompts are rendered with (its GGUF's own chat template), loading it if needed."""
+        return self._model(label).formatter
 
     def is_busy(self, label: str) -> bool:
         """Whether a generation holds this model now (others wait for it)."""

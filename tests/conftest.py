@@ -88,7 +88,8 @@ def server(tiny_gguf, tmp_path_factory):
     log = (folder / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "space/app.py"), "--model", str(first), "--model", str(second),
-         "--host", "127.0.0.1", "--port", str(port), "--votes", str(votes), "--n-ctx", "1024"],
+         "--host", "127.0.0.1", "--port", str(port), "--votes", str(votes), "--n-ctx", "1024",
+         "--stream-interval", "0"],  # every token streamed: the tests count updates; the tiny model is fast
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120

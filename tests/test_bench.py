@@ -1,0 +1,134 @@
+"""scripts/bench.py: the shaped models it measures are what it says, its two merge paths produce the same model, and
+its report states the figures and verdicts that its raw results imply. (The speeds themselves are measured by running
+the script, never asserted here.)"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import bench  # noqa: E402
+
+
+@pytest.mark.parametrize("size", ["1b", "3b"])
+def test_shapes_have_the_published_parameter_counts(size):
+    layout = bench.tensor_layout(bench.shaped_config(size))  # meta device: no memory
+    assert sum(math.prod(shape) for _, shape in layout) == bench.PUBLISHED_PARAMETERS[size]
+    assert "lm_head.weight" not in dict(layout)  # tied embeddings, as in the Hub checkpoints
+    files = bench.shard(layout, 2)
+    assert len(files) == (1 if size == "1b" else 2)  # the Hub repos: one file for 1B, two for 3B
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """The tiny model's shape written the way bench.py writes 1B/3B: tensor by tensor, plus a random LoRA."""
+    from train.tiny import TINY_CONFIG
+
+    folder = tmp_path_factory.mktemp("bench")
+    config = {**TINY_CONFIG, "num_hidden_layers": 2}
+    base = bench.write_random_model(config, folder / "base")
+    return config, base, bench.write_random_adapter(config, base, folder / "adapter")
+
+
+def test_random_model_loads_in_transformers(random_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, base, _ = random_model
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    weights = model.model.layers[0].mlp.up_proj.weight
+    assert weights.std().item() == pytest.approx(0.02, rel=0.05)  # N(0, 0.02) as the builder says
+    assert torch.equal(model.model.norm.weight, torch.ones(config["hidden_size"]))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_streaming_and_naive_merge_write_the_same_model(random_model, tmp_path):
+    """Both export paths that bench.py compares, each through its measuring worker (a separate process)."""
+    from safetensors import safe_open
+
+    _, base, adapter = random_model
+    ours = bench.measured("merge", base=str(base), adapter=str(adapter), out=str(tmp_path / "ours"))
+    naive = bench.measured("naive_merge", base=str(base), adapter=str(adapter), out=str(tmp_path / "naive"))
+    for figures in (ours, naive):
+        assert figures["wall_s"] > 0 and figures["peak_rss"] >= figures["peak_anon"] > 0
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "naive" / "model.safetensors"), "pt") as b, \
+            safe_open(str(base / "model.safetensors"), "pt") as original:
+        assert set(a.keys()) == set(b.keys()) == set(original.keys())
+        changed = 0
+        for name in a.keys():
+            ours_tensor, naive_tensor = a.get_tensor(name).float(), b.get_tensor(name).float()
+            # PEFT merges in the weights' fp16, we in fp32 then round: at most one fp16 step apart.
+            assert (ours_tensor - naive_tensor).abs().max().item() <= 2 ** -10 * max(1.0, ours_tensor.abs().max().item())
+            # (bf16 → fp16 alone moves only values below fp16's normal range, by less than 1e-7)
+            changed += (ours_tensor - original.get_tensor(name).float()).abs().max().item() > 1e-4
+    assert changed == 2 * len(bench.LORA_TARGETS)  # every adapted projection of both layers, nothing else
+
+
+def fake_results() -> dict:
+    run = lambda rate, ttft=0.5: {"tokens_per_s": rate, "ttft_s": ttft, "tokens": 128}  # noqa: E731
+    space_run = lambda rate, server, updates: {"tokens_per_s": rate, "ttft_s": 0.4, "server_tokens_per_s": server,  # noqa: E731
+                                              "updates": updates, "tokens": 128}
+    step = lambda wall, rss: {"wall_s": wall, "peak_rss": rss, "peak_anon": rss / 2}  # noqa: E731
+    turns = [{"ttft_s": t} for t in (0.4, 0.45, 0.5, 0.5, 0.55, 0.6)]
+    return {
+        "command": "python scripts/bench.py", "date": "2026-11-21",
+        "machine": {"cpu": "Test CPU", "cores": 2, "ram_gb": 24, "python": "3.11", "torch": "2", "transformers": "5",
+                    "llama_cpp_python": "0.3"},
+        "sections": {
+            "bandwidth": {"measured": "d", "threads_1": 30e9, "threads_2": 40e9},
+            "generation": {"measured": "d", "prompt_tokens": 101, "new_tokens": 128,
+                           "gguf_bytes": {"1b": 0.8e9}, "merged_parameters": {"1b": 1e9},
+                           "runs": {"llama.cpp q4_k_m 1b": [run(30), run(34), run(36)],
+                                    "transformers float32 1b": [run(3), run(4), run(5)],
+                                    "transformers bfloat16 1b": [run(2), run(2), run(2)]}},
+            "space": {"measured": "d", "new_tokens": 128, "turn_tokens": 64, "intervals": [0.1, 0.0],
+                      "throughput": {"raw": [run(34), run(34), run(34)],
+                                     "space 0.1": [space_run(33, 33.5, 40)] * 3,
+                                     "space 0.0": [space_run(25, 26, 128)] * 3},
+                      "conversations": [turns, turns, turns]},
+            "export": {"measured": "d", "3b": {"bytes": {"base": 6.4e9, "merged": 6.4e9, "f16": 6.4e9, "q4_k_m": 2e9},
+                                               "runs": {"merge": [step(30, 1e9)], "convert": [step(60, 2e9)],
+                                                        "quantize": [step(120, 3e9)],
+                                                        "naive_merge": [step(90, 8e9)]}}},
+        },
+    }
+
+
+def test_summary_and_verdicts_follow_from_the_raw_figures(tmp_path):
+    results = fake_results()
+    s = bench.summary(results)
+    assert s["bandwidth"] == 40e9
+    llama = s["generation"]["llama.cpp q4_k_m 1b"]
+    assert llama["tokens_per_s"] == 34 and llama["bound"] == pytest.approx(50) and llama["share"] == pytest.approx(0.68)
+    assert s["generation"]["transformers float32 1b"]["weight_bytes"] == 4e9  # fp32: 4 bytes per parameter
+    assert s["llama_vs_fp32"] == pytest.approx(8.5)
+    assert s["space"]["share"] == pytest.approx(33 / 34) and s["space"]["ttft_ratio"] == pytest.approx(1.5)
+    export = s["export"]["3b"]
+    assert export["ours_wall_s"] == 210 and export["ours_peak_rss"] == 3e9 and export["naive_peak_rss"] == 8e9
+    verdicts = {target: ok for target, _, ok, _ in bench.target_rows(s)}
+    assert verdicts == {
+        "Space ≥ 97% of raw llama-cpp-python tokens/s (1B)": "**met**",          # 97.1%
+        "raw ≥ 85% of the memory-bandwidth bound (1B q4_k_m)": "**missed**",      # 68%
+        "q4_k_m through llama.cpp ≥ 9× transformers fp32 (1B)": "**missed**",     # 8.5×
+        "turn-6 TTFT ≤ 1.3× turn-1 (1B, through the Space)": "**missed**",        # 1.5×
+        "3B export ≤ 2.5 GB peak RSS": "**missed**",                              # 3 GB
+        "3B export ≤ 4 minutes": "**met**",                                       # 3.5 min
+    }
+    s["machine_line"] = "Test CPU"
+    report = bench.render_report(results, s)
+    for figure in ("34.00", "97.1%", "8.5×", "1.50×", "3.00 GB", "3.5 min", "40.0 GB/s"):
+        assert figure in report
+    bench.render_chart(s, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_arguments_are_reported_at_once(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts/bench.py"), "--sections", "speed", "--sizes", "7b",
+                             "--repeats", "0"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line.split(":")[1].strip() for line in result.stderr.splitlines()] == ["--sections", "--sizes", "--repeats 0"]
