@@ -98,7 +98,8 @@ def _callbacks(config: TrainConfig, output_dir: Path):
             self.start_time, self.start_step = time.perf_counter(), state.global_step
             self.start_tokens = state.num_input_tokens_seen
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stdout)
+                            dynamic_ncols=True, file=sys.stdout,
+                            disable=not state.is_world_process_zero)  # one bar under `accelerate launch`
             self.postfix = {}
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -295,6 +296,8 @@ def run(config: TrainConfig) -> dict:
         tokens_before = json.loads((resume_from / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - train_started
+    if not trainer.is_world_process_zero():
+        return {}  # under `accelerate launch` (several processes, one model replica each) rank 0 writes the outputs
 
     adapter = save_adapter(loaded.model, loaded.tokenizer, output_dir)
     state = trainer.state
