@@ -194,6 +194,7 @@ def convert_to_gguf(merged_dir: Path, out_file: Path, converter: Path, model_nam
 
 
 # ---------------------------------------------------------------------- quantization
+QUANTIZE_BUFFER_BYTES = 256 * 2**20
 _PROGRESS = re.compile(rb"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 
 
@@ -209,6 +210,11 @@ def quantize(source: Path, out_file: Path, quant: str, threads: int | None = Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_value(quant)
     params.nthread = threads or usable_cpus()
+    # llama.cpp converts each tensor to fp32 before quantizing it, in slabs of at most max_buf_size bytes
+    # (default 8 GiB: a whole 3B embedding at once, 2.7 GB with its buffers). Bounded slabs keep a 3B quantize
+    # inside Colab's RAM at no cost in speed: 3B-shaped q4_k_m peaked at 2.79 GB RSS with the default and 1.09 GB
+    # with 256 MiB, both in 101-103 s on 2 cores (scripts/bench.py, docs/benchmarks.md).
+    params.max_buf_size = QUANTIZE_BUFFER_BYTES
     bar = tqdm(desc=f"quantize {quant_type(quant).suffix}", unit="tensor", disable=not progress, file=sys.stdout)
     lock = threading.Lock()
 

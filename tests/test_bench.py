@@ -85,7 +85,10 @@ def fake_results() -> dict:
                            "gguf_bytes": {"1b": 0.8e9}, "merged_parameters": {"1b": 1e9},
                            "runs": {"llama.cpp q4_k_m 1b": [run(30), run(34), run(36)],
                                     "transformers float32 1b": [run(3), run(4), run(5)],
-                                    "transformers bfloat16 1b": [run(2), run(2), run(2)]}},
+                                    "transformers bfloat16 1b": [run(2), run(2), run(2)]},
+                           "paths": {"llama.cpp q4_k_m 1b": {"size": "1b", "dtype": None, "threads": 2},
+                                     "transformers float32 1b": {"size": "1b", "dtype": "float32", "threads": 2},
+                                     "transformers bfloat16 1b": {"size": "1b", "dtype": "bfloat16", "threads": 2}}},
             "space": {"measured": "d", "new_tokens": 128, "turn_tokens": 64, "intervals": [0.1, 0.0],
                       "throughput": {"raw": [run(34), run(34), run(34)],
                                      "space 0.1": [space_run(33, 33.5, 40)] * 3,
@@ -132,3 +135,11 @@ def test_bad_arguments_are_reported_at_once(tmp_path):
                              "--repeats", "0"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line.split(":")[1].strip() for line in result.stderr.splitlines()] == ["--sections", "--sizes", "--repeats 0"]
+
+
+def test_doctests_of_the_script():
+    import doctest
+
+    # scripts/ is outside pytest's doctest paths (pytest.ini), so its examples run here.
+    result = doctest.testmod(bench, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 1 and result.failed == 0

@@ -11,6 +11,7 @@ anything under train/ on a CPU machine never imports unsloth.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -135,9 +136,10 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_torch_dtype(dtype),
         )
-        kwargs["device_map"] = {"": 0}
-    elif has_cuda:
-        kwargs["device_map"] = {"": 0}
+    if has_cuda:
+        # The whole model on this process's GPU: under `accelerate launch` each process holds one replica on
+        # its own device (LOCAL_RANK), as TRL's get_kbit_device_map does; alone, that is GPU 0.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     _ensure_chat_template(tokenizer)
