@@ -947,7 +947,8 @@ def render_report(results: dict, s: dict) -> str:
                       f"{gb(e['naive_peak_rss'])} | |", ""]
     if "training" in sections:
         t = sections["training"]
-        lines += [bench_train.render(t, t["measured"], results["command"]), ""]
+        lines += [bench_train.render(t, t["measured"], f"python scripts/bench.py --sections training --repeats "
+                                                       f"{t['repeats']}"), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
