@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Our speed and memory against the alternatives, measured side by side on this machine in one run.
 
-    python scripts/bench.py                                # everything: about 45 minutes on 2 cores
+    python scripts/bench.py                                # everything: about 30 minutes on 2 cores
     python scripts/bench.py --sizes 1b --repeats 2         # quicker
     python scripts/bench.py --sections generation,space    # some sections; the others keep their last figures
 
@@ -12,7 +12,8 @@ The models are Llama-3.2-1B- and 3B-shaped, with random bf16 weights written ten
 files (the full model never exists in memory), Meta's real tokenizer, and a random rank-16 LoRA adapter on every
 projection, which is what the 1b/3b presets train. Random weights cost the same to store, move and multiply as
 trained ones, so the speeds, memory and file sizes are those of the real models; only the words are meaningless.
-They are built once into --work (about 30 GB of scratch disk with both sizes).
+They are built once into --work (a few minutes; 21 GB of scratch disk with both sizes, 34 GB at the peak of the
+export section).
 
 Sections, each measurement repeated, median reported:
   bandwidth   this machine's memory read bandwidth: the ceiling of batch-1 generation
