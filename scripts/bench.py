@@ -997,20 +997,19 @@ def misses(s: dict) -> list[str]:
         ttft = space["ttft"]
         notes.append(
             f"- **Turn-6 TTFT**: {space['ttft_ratio']:.2f}× turn 1 ({ttft[0]:.2f} → {ttft[-1]:.2f} s), "
-            f"{space['ttft_ratio'] - TARGETS['ttft_ratio']:.2f}× over. The time is the engine's own (its stats line "
-            "accounts for all but ≈0.07 s of it), not Gradio's, and it is the number of prompt tokens each turn "
-            "must read. The engine keeps the KV cache (re-reading a whole 6-turn conversation took 5.4 s, "
-            "space/engine.py), so turn 1 reads only the user's message after the system header it shares with "
-            "the previous conversation (≈25-40 tokens), while a later turn reads the new message plus the previous "
-            "answer from the first token where the re-rendered conversation differs from the tokens in the cache. "
-            "A direct check through the engine (1B-shaped, greedy, 64-token answers, two conversations) found that "
-            "turn 2 reused only turn 1's prompt (68 tokens) and read 107 (the whole previous answer and the new "
-            "message: 0.80 s), and turn 3 read 69-107. The answer's sampled tokens are lost because llama-cpp-python's "
-            "chat completion re-renders the conversation as text (the template trims each answer) and re-tokenises "
-            "it; random weights make this the worst case, since their token sequences rarely survive the round "
-            "trip. What would close it: keep each answer's sampled tokens and continue from them (our own "
-            "completion loop over `Llama.generate` instead of `create_chat_completion`), so that every turn reads "
-            "only the new message, as turn 1 does.")
+            f"{space['ttft_ratio'] - TARGETS['ttft_ratio']:.2f}× over; later turns scatter between ≈0.45 and ≈1.5 s. "
+            "The time is the engine's own (its stats line accounts for all but ≈0.07 s of it) and follows the number "
+            "of prompt tokens a turn must read. Turn 1 reads only the message after the system header it shares "
+            "with the previous conversation (≈25-40 tokens). A later turn reads the new message plus whatever of "
+            "the previous answer cannot be matched to the tokens in the cache. The engine matches by the text the "
+            "cached tokens spell (space/engine.py's reusable_prefix), not by re-tokenising: a direct check "
+            "(1B-shaped, greedy, 64-token answers) read 49 tokens at turn 2 (0.38 s) where token matching read "
+            "107 (0.84 s). What still misses here is random weights sampling half a UTF-8 character: "
+            "llama-cpp-python's streamed text drops such bytes, so the answer Gradio sends back no longer spells "
+            "the cached tokens and is re-read from there (in that check's second conversation turn 2 still read "
+            "108 tokens, 0.78 s); a trained model does not emit broken characters. What would close it for any "
+            "model: keep each answer's sampled token ids with the conversation (Gradio session state) instead of "
+            "recovering them from its text.")
     export = s.get("export", {}).get("3b")
     if export and export["ours_peak_rss"] > TARGETS["export_3b_rss_gb"] * 1e9:
         worst = max(("merge", "convert", "quantize"), key=lambda step: export["steps"][step]["peak_rss"])

@@ -234,10 +234,10 @@ def throttled(updates: Iterable, interval: float, clock: Callable[[], float] = t
     """The first update at once, then at most one every `interval` seconds (the newest), and always the last.
 
     Every update is diffed, serialised and sent by Gradio, and re-rendered (Markdown) by each browser watching.
-    Ten updates a second still read as smooth streaming and send about a third as many updates as one per token
-    for a 1B model at 30-35 tokens/s. On the server's side the difference is within the noise of a 2-core machine
-    (scripts/bench.py: 91% vs 96% of raw llama-cpp-python's tokens/s, run to run ±10%); the gain is the browsers'
-    and the network's. The first token is never held back (time to first token).
+    Ten updates a second still read as smooth streaming and send a quarter as many updates as one per token for
+    a 1B model at 30-35 tokens/s (32 instead of 127 for 128 tokens). On the server's side the difference is
+    within the noise of a 2-core machine (scripts/bench.py: both 90% of raw llama-cpp-python's tokens/s, run to
+    run ±10%); the gain is the browsers' and the network's. The first token is never held back.
 
     >>> ticks = iter([0.0, 0.01, 0.02, 0.15, 0.16, 0.17])
     >>> list(throttled(range(6), 0.1, clock=lambda: next(ticks)))
@@ -364,6 +364,50 @@ def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int]
 
 
 # ---------------------------------------------------------------------- the engine
+def reusable_prefix(context: Sequence[int], piece: Callable[[int], bytes], prompt: bytes) -> tuple[int, int]:
+    r"""How many of the context's tokens spell the start of `prompt`, and how many of its bytes they spell.
+
+    A conversation's next prompt holds the previous answer as text, re-rendered by the chat template. Tokenized
+    afresh, that text often differs from the tokens that were sampled (another split of the same characters,
+    a character whose bytes two tokens shared), so prefix matching on tokens would stop at the first difference
+    and re-read the whole answer. Matching on the text the context's tokens spell keeps the sampled tokens
+    (the model sees exactly what it generated, leading whitespace the template trims included) and reads only
+    what is new. The prefix never ends inside a UTF-8 character, so the rest tokenizes as text.
+
+    >>> pieces = {0: b"<s>", 1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: b"\xc3", 7: b"\xa9"}
+    >>> reusable_prefix([0, 1, 2, 3, 4], pieces.get, b"<s>Hello world, again")
+    (5, 14)
+    >>> reusable_prefix([0, 1, 2, 5], pieces.get, b"<s>Hello?")    # the context goes another way after "Hello"
+    (3, 8)
+    >>> reusable_prefix([0, 6, 7], pieces.get, "<s>\u00e9t\u00e9".encode())  # "é" split over two tokens
+    (3, 5)
+    >>> reusable_prefix([0, 6], pieces.get, "<s>\u00e9".encode())  # not half of a character
+    (1, 3)
+    >>> reusable_prefix([0, 3, 4], pieces.get, b"<s>world")   # " wor": an answer's first token, its space trimmed
+    (3, 8)
+    >>> pieces[8] = b"\n"
+    >>> reusable_prefix([0, 8, 1, 2], pieces.get, b"<s>Hello")   # a whole token of trimmed whitespace
+    (4, 8)
+    >>> reusable_prefix([0, 1, 2, 8], pieces.get, b"<s>Hello<eot>")  # but never as the last kept token
+    (3, 8)
+    """
+    offset, steps = 0, []
+    for token in context:
+        text = piece(token)
+        if text and prompt.startswith(text, offset):
+            steps.append(len(text))
+        elif prompt.startswith(text.lstrip(), offset):
+            # The template trims each answer (`| trim`): its leading whitespace stays as it was sampled.
+            steps.append(len(text.lstrip()))
+        else:
+            break
+        offset += steps[-1]
+    # Never end on whitespace the prompt does not have, nor inside a character.
+    while steps and (steps[-1] == 0 or offset < len(prompt) and prompt[offset] & 0xC0 == 0x80):
+        offset -= steps.pop()
+    return len(steps), offset
+
+
 class _StateCache(LlamaRAMCache):
     """llama-cpp-python's RAM cache of prompt states, without a logits copy nobody reads, and without
     states that a newer one extends.
@@ -391,6 +435,19 @@ class _Model:
 
     llm: Llama
     formatter: Jinja2ChatFormatter
+
+    def prompt_tokens(self, messages: list[dict]) -> tuple[list[int], object]:
+        """The prompt's tokens, and the formatter's response (stop strings and tokens), continuing from the tokens
+        already in the model's context wherever they spell the same text (see reusable_prefix)."""
+        rendered = self.formatter(messages=messages)
+        prompt = rendered.prompt.encode("utf-8")
+        context = [int(token) for token in self.llm._input_ids]
+        kept, offset = reusable_prefix(context, self._piece, prompt)
+        rest = self.llm.tokenize(prompt[offset:], add_bos=False, special=True) if offset < len(prompt) else []
+        return context[:kept] + rest, rendered
+
+    def _piece(self, token: int) -> bytes:
+        return self.llm.detokenize([token], special=True)
 
     def count_tokens(self, messages: list[dict]) -> int:
         """Tokens of the prompt exactly as create_chat_completion builds it from `messages`."""
@@ -553,17 +610,21 @@ class Engine:
         first_token_at = None
         try:
             # No reset between calls: create_completion keeps the KV cache of the longest common prefix of this
-            # prompt and the model's previous one, so a conversation's next turn reads only what is new.
-            stream = model.llm.create_chat_completion(
-                messages, stream=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens)
+            # prompt and the model's previous one, and the prompt continues from the context's own tokens as far
+            # as they spell the same text, so a conversation's next turn reads only what is new. The rest is what
+            # create_chat_completion does with this formatter (its chat handler), minus the chat-chunk wrapping.
+            tokens, rendered = model.prompt_tokens(messages)
+            stream = model.llm.create_completion(
+                tokens, stream=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens, stop=rendered.stop,
+                stopping_criteria=rendered.stopping_criteria)
             try:
                 for chunk in stream:
                     if cancel is not None and cancel.is_set():
                         reply.finish_reason = "cancelled"
                         break
                     choice = chunk["choices"][0]
-                    piece = choice["delta"].get("content")
+                    piece = choice["text"]
                     if piece:
                         now = time.perf_counter()
                         if first_token_at is None:
@@ -602,12 +663,14 @@ class Engine:
         gone); `cancel` also ends the wait for a busy model.
 
         Time to first token over a conversation: the Llama keeps the KV cache of its previous prompt and
-        answer, so a turn reads only what changed since: the new message, plus the previous answer from
-        where its re-tokenized text differs from the sampled tokens (the template trims the answer). With
-        6 turns of ≈45-token questions and 64-token answers on 2 cores, measured TTFT turn 1 → turn 6:
+        answer, so a turn reads only what changed since: the new message, and the previous answer only from
+        where its text (as Gradio sends it back) stops spelling the sampled tokens (reusable_prefix). With
+        6 turns of ≈45-token questions and 64-token answers on 2 cores, measured TTFT turn 1 → turn 6 when
+        prefixes were still matched by token ids, which re-read each previous answer (100-124 tokens a turn):
           tiny test model:                  0.007 s → 0.018 s   (re-reading everything: 0.008 → 0.067 s)
           random-weight 1B-shaped q4_k_m:   0.38 s → 0.57 s     (re-reading everything: 0.65 → 5.4 s)
-        while the prompt grew from 79 to 653 tokens: each turn read 100-124 tokens.
+        while the prompt grew from 79 to 653 tokens. Matching by text, a 1B-shaped turn 2 read 49 tokens
+        instead of 107 (0.38 s instead of 0.84 s); scripts/bench.py measures the whole conversation.
         When users take turns on one model, the context holds the other user's conversation; the state cache
         (cache_bytes) then restores this one's. Two users alternating 6 turns each on the 1B-shaped model:
         turn-6 TTFT 5.3-5.4 s without it, 0.8-1.1 s with it (tiny model: 0.06 s → 0.04 s), and no cost for

@@ -601,3 +601,29 @@ def test_vote_log_without_hub_repo_makes_no_scheduler(tmp_path):
         raise AssertionError("no scheduler without hub_repo_id")
 
     assert VoteLog(tmp_path / "v.jsonl", scheduler_factory=factory).scheduler is None
+
+
+def test_next_turn_continues_from_the_sampled_tokens(engine):
+    """A turn's prompt keeps the context's own tokens as far as they spell its text: never fewer than matching by
+    token ids would keep, and the previous prompt always (its text is re-rendered identically)."""
+    from llama_cpp import Llama
+
+    label = engine.labels[1]
+    model = engine._model(label)
+    history = []
+    for message in ("Tell me about rivers.", "And about lakes?", "Which is deeper?"):
+        before_prompt, _ = model.prompt_tokens([*history_to_messages(history), {"role": "user", "content": message}])
+        answer = drain(engine.stream_chat(label, message, history, sampling=Sampling(0.0, 1.0, 24)))[-1]
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer.text}]
+        context = [int(token) for token in model.llm._input_ids]
+        following = [*history_to_messages(history), {"role": "user", "content": "Go on."}]
+        tokens, _ = model.prompt_tokens(following)
+        canonical = model.llm.tokenize(model.formatter(messages=following).prompt.encode(), add_bos=False,
+                                       special=True)
+        by_text = Llama.longest_token_prefix(context, tokens)
+        assert by_text >= Llama.longest_token_prefix(context, canonical)
+        assert by_text >= len(before_prompt)  # this turn's whole prompt is reused, whatever the answer was
+        assert model.llm.detokenize(tokens, special=True).decode("utf-8", "replace").endswith("Go on.<|eot_id|>"
+                                                                                                "<|start_header_id|>"
+                                                                                                "assistant"
+                                                                                                "<|end_header_id|>\n\n")
