@@ -12,9 +12,7 @@ def main(argv: list[str] | None = None, client=None) -> int:
     try:
         config = config_from_args(argv)
     except UsageError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return e.report()
     from .pipeline import run
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,12 @@ class UsageError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+    def report(self) -> int:
+        """Print each problem as one `error:` line on stderr; returns the exit status for a usage mistake (2)."""
+        for problem in self.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
 
 
 @dataclass

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import bench_train  # noqa: E402  (after the path set-up above)
+from export.gguf import usable_cpus  # noqa: E402
 
 DOCS = REPO / "docs"
 REPORT, CHART, RESULTS = DOCS / "benchmarks.md", DOCS / "benchmarks.png", DOCS / "benchmarks.json"
@@ -95,10 +96,6 @@ PROMPT_TEXT = (  # for the ~100-token generation prompt; cut to length in prompt
     "longer conversation makes the first token of each answer slower unless the cache is reused. Use short "
     "paragraphs and one concrete example with numbers."
 )
-
-
-def cpus() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def log(message: str) -> None:
@@ -366,7 +363,7 @@ def read_bandwidth(threads: int, gigabytes: float = 2.0, repeats: int = 5) -> fl
 
 
 def step_bandwidth(repeats: int) -> dict:
-    return {f"threads_{threads}": read_bandwidth(threads, repeats=repeats) for threads in sorted({1, cpus()})}
+    return {f"threads_{threads}": read_bandwidth(threads, repeats=repeats) for threads in sorted({1, usable_cpus()})}
 
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
@@ -401,7 +398,7 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
     if kind == "llama.cpp":
         from llama_cpp import Llama
 
-        threads = threads or cpus()
+        threads = threads or usable_cpus()
         llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
 
         def run(count):
@@ -417,7 +414,7 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
         from transformers import AutoModelForCausalLM
         from transformers.generation.streamers import BaseStreamer
 
-        torch.set_num_threads(threads or cpus())
+        torch.set_num_threads(threads or usable_cpus())
         hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
 
         class Clock(BaseStreamer):
@@ -484,7 +481,7 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
             servers[interval] = _start_space(gguf, Path(folder), interval)
         label = Path(gguf).stem
         # Raw llama-cpp-python exactly as space/engine.py sets it up and calls it.
-        raw = Llama(model_path=gguf, n_ctx=4096, n_threads=cpus(), n_threads_batch=cpus(), verbose=False)
+        raw = Llama(model_path=gguf, n_ctx=4096, n_threads=usable_cpus(), n_threads_batch=usable_cpus(), verbose=False)
 
         def raw_run(message: str) -> dict:
             times, started = [], time.perf_counter()
@@ -627,7 +624,7 @@ def run_sections(args, results: dict) -> None:
         one_b = Paths(args.work, "1b")
         ensure_exported(one_b)
         paths = {f"llama.cpp q4_k_m {p.size}": ("llama.cpp", str(p.q4), None, p.size, None) for p in sizes}
-        if cpus() > 1:  # does llama.cpp's speed follow the cores (compute-bound) or not (memory-bound)?
+        if usable_cpus() > 1:  # does llama.cpp's speed follow the cores (compute-bound) or not (memory-bound)?
             paths["llama.cpp q4_k_m 1b, 1 thread"] = ("llama.cpp", str(one_b.q4), None, "1b", 1)
         paths.update({f"transformers {dtype} 1b": ("transformers", str(one_b.merged), dtype, "1b", None)
                       for dtype in ("float32", "bfloat16")})
@@ -642,7 +639,7 @@ def run_sections(args, results: dict) -> None:
         save("generation", {"prompt_tokens": first["prompt_tokens"], "new_tokens": 128, "runs": runs,
                             "gguf_bytes": {p.size: p.q4.stat().st_size for p in sizes},
                             "merged_parameters": PUBLISHED_PARAMETERS,
-                            "paths": {name: {"kind": kind, "size": size, "dtype": dtype, "threads": threads or cpus()}
+                            "paths": {name: {"kind": kind, "size": size, "dtype": dtype, "threads": threads or usable_cpus()}
                                       for name, (kind, _, dtype, size, threads) in paths.items()}})
     if "space" in args.sections:
         from space.app import STREAM_INTERVAL
@@ -769,7 +766,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    return {"cpu": bench_train.cpu_name(), "cores": cpus(), "ram_gb": os.sysconf("SC_PHYS_PAGES") *
+    return {"cpu": bench_train.cpu_name(), "cores": usable_cpus(), "ram_gb": os.sysconf("SC_PHYS_PAGES") *
             os.sysconf("SC_PAGE_SIZE") / 2**30, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "llama_cpp_python": llama_cpp.__version__}
 
@@ -876,7 +873,7 @@ def render_report(results: dict, s: dict) -> str:
         g = sections["generation"]
         lines += ["## CPU generation, batch 1", "",
                   f"Measured {g['measured']}: a {g['prompt_tokens']}-token chat prompt, {g['new_tokens']} new tokens, "
-                  f"greedy, {cpus()} threads; tokens/s counts decoding only (after the first token), TTFT is the "
+                  f"greedy, {usable_cpus()} threads; tokens/s counts decoding only (after the first token), TTFT is the "
                   "prompt's time to first token. transformers runs the merged 1B model loaded in each dtype "
                   "(what earlier Spaces in this field serve with `model.generate`).", "",
                   "| path | weights read per token | median tokens/s | runs | TTFT | bound | share of bound |",

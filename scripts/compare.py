@@ -45,12 +45,14 @@ from pathlib import Path
 
 # Make the repo's packages importable when run as `python scripts/compare.py` from a fresh clone.
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import numpy as np  # noqa: E402
 
 from export.config import UsageError, UsageParser  # noqa: E402
+from bench_train import cpu_name  # noqa: E402
 from export.errors import ExportError  # noqa: E402
+from export.gguf import usable_cpus  # noqa: E402
 from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
 from export.hub import hub_errors, validate_repo_id  # noqa: E402
 from space.engine import Engine, ModelSpec, Sampling  # noqa: E402
@@ -737,15 +739,7 @@ def generate_answers(engine: Engine, label: str, prompts: list[Prompt], sampling
 
 def machine_info() -> dict:
     """The CPU's name and core counts, for the report's header."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cpus(),
             "system": f"{platform.system()} {platform.release()}",
             "load_average": round(os.getloadavg()[0], 2)}  # 1 minute: others busy on these cores slow the timings
 
@@ -895,9 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(argv)
     except UsageError as error:
-        for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return error.report()
     try:
         report = run(config)
     except ExportError as error:

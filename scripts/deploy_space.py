@@ -419,9 +419,7 @@ def main(argv: list[str] | None = None, client=None) -> int:
     try:
         config = config_from_args(argv)
     except UsageError as error:
-        for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return error.report()
 
     token = None
     if not config.dry_run:
