@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from common.machine import usable_cpus
+
 from .errors import ExportError
 from .files import temporary_path
 
@@ -71,14 +73,6 @@ def ftype_value(quant: str) -> int:
     import llama_cpp
 
     return int(getattr(llama_cpp, quant_type(quant).ftype))
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity), not the machine's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------- the converter

@@ -10,7 +10,11 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from common.llama import LlamaSetupError, extra_buffers
+from common.machine import usable_cpus
 
 from . import gguf, verify
 from .config import ExportConfig
@@ -135,6 +139,10 @@ def run(config: ExportConfig, client=None) -> dict:
         from .hub import resolve_token
 
         token = resolve_token()  # checked before any work; never printed
+    try:
+        log(f"runtime: {extra_buffers().describe()}")  # the path every GGUF is decoded with below, and why
+    except LlamaSetupError as error:
+        raise ExportError(str(error)) from None
     out_dir = config.out_dir
     run_info = read_run_json(config.adapter_dir)
     base_name, base_dir = resolve_base(config, run_info)
@@ -230,7 +238,7 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
             converter = gguf.ensure_converter(Path(config.llama_cpp_dir) if config.llama_cpp_dir else None, log=log)
             gguf.convert_to_gguf(merged, output, converter, name, "bf16", log=log)
             continue
-        threads = config.threads or gguf.usable_cpus()
+        threads = config.threads or usable_cpus()
         log(f"quantize: {f16.name} -> {output.name} ({threads} threads)")
         quant_started = time.perf_counter()
         gguf.quantize(f16, output, quant, threads=threads)
@@ -270,6 +278,7 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
         "adapter": str(config.adapter_dir),
         "adapter_sha256": adapter_sha,
         "llama_cpp_python": gguf.llama_cpp_version(),
+        "llama_cpp_extra_buffers": asdict(extra_buffers()),
         "files": [{"name": p.name, "quant": q, "size_bytes": p.stat().st_size} for q, p in zip(quants, outputs)],
         "file_stamps": {p.name: _file_stamp(p) for p in outputs},
         "checks": [c.to_dict() for c in checks],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf import ftype_value, usable_cpus
+from .gguf import ftype_value
 
 LLAMA3_EOT_ID = 128009
 TEMPLATE_DATE = "26 Jul 2024"  # fixed, so both renderings of the template agree whatever the day
@@ -76,10 +76,9 @@ class Check:
 
 
 def _llama(path: Path, **kwargs):
-    from llama_cpp import Llama
+    from common.llama import open_gguf
 
-    threads = usable_cpus()
-    return Llama(model_path=str(path), verbose=False, n_threads=threads, n_threads_batch=threads, **kwargs)
+    return open_gguf(path, **kwargs)
 
 
 # ---------------------------------------------------------------------- metadata, tokenizer, template

@@ -24,6 +24,8 @@ Sections, each measurement repeated, median reported:
               transformers on the merged model in fp32 and bf16, each against the bandwidth bound
   space       the Space (python space/app.py) as a gradio_client consumer sees it vs raw llama-cpp-python on the
               same GGUF; time to first token over the 6 turns of a conversation
+  buffers     llama.cpp's extra buffer types (REPACK, AMX) on vs off on the 1B q4_k_m, with a 512-token prompt:
+              what the safe path of common/llama.py costs where it is taken (CPUs with llama.cpp's AMX path)
 Every step that loads a model runs in its own process, so the peak RSS reported is that process tree's own.
 """
 
@@ -48,14 +50,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import bench_train  # noqa: E402  (after the path set-up above)
-from export.gguf import usable_cpus  # noqa: E402
+from common.llama import EXTRA_BUFFERS_ENV, extra_buffers, open_gguf, system_info  # noqa: E402
+from common.machine import usable_cpus  # noqa: E402
 
 DOCS = REPO / "docs"
 REPORT, CHART, RESULTS = DOCS / "benchmarks.md", DOCS / "benchmarks.png", DOCS / "benchmarks.json"
 README = REPO / "README.md"
 README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 RESULT_PREFIX = "BENCH-RESULT "
-SECTIONS = ("bandwidth", "training", "export", "generation", "space")
+SECTIONS = ("bandwidth", "training", "export", "generation", "space", "buffers")
 
 # Llama-3.2-{1B,3B}-Instruct's config.json values that differ from the tiny model's (train/tiny.py), which
 # otherwise copies them: vocabulary, rope scaling, tied embeddings, grouped-query attention.
@@ -384,22 +387,24 @@ def _rates(times: list[float], started: float) -> dict:
 
 
 def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prompt_tokens: int,
-                  new_tokens: int, threads: int | None = None) -> dict:
+                  new_tokens: int, threads: int | None = None, extra_buffers: str | None = None) -> dict:
     """One path's batch-1 greedy generation of exactly `new_tokens` tokens after a `prompt_tokens` chat prompt.
 
     Each path runs in a process of its own: PyTorch's OpenMP threads keep spinning for a while after each
     operation, and on 2 cores they would steal llama.cpp's time if both lived in one process. Tokens/s counts
     the tokens after the first over the time after the first (decoding); TTFT (reading the prompt) is separate.
-    A short warm-up run comes first (allocations, kernel selection)."""
+    A short warm-up run comes first (allocations, kernel selection). extra_buffers: on or off forces llama.cpp's
+    extra buffer types (common/llama.py) for this process."""
     import torch
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(tokenizer), prompt_tokens)
+    loaded = {}
     if kind == "llama.cpp":
-        from llama_cpp import Llama
-
-        threads = threads or usable_cpus()
-        llm = Llama(model_path=model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+        if extra_buffers is not None:
+            os.environ[EXTRA_BUFFERS_ENV] = extra_buffers
+        llm = open_gguf(model, n_ctx=1024, n_threads=threads)
+        loaded["extra_buffers"] = bool(llm.model_params.use_extra_bufts)  # what llama.cpp was given, not asked
 
         def run(count):
             llm.reset()  # forget the previous run's tokens: generate() would reuse them as a cached prefix
@@ -438,7 +443,7 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
             return _rates(clock.times, started)
 
     run(4)
-    return {"prompt_tokens": len(ids), **run(new_tokens)}
+    return {"prompt_tokens": len(ids), **loaded, **run(new_tokens)}
 
 
 def _free_port() -> int:
@@ -473,7 +478,6 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
     """The Space's server as users start it (one per streaming interval), read by gradio_client, against the
     same GGUF through raw llama-cpp-python with the engine's settings; one at a time, in turn."""
     from gradio_client import Client
-    from llama_cpp import Llama
 
     servers = {}
     try:
@@ -481,7 +485,7 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
             servers[interval] = _start_space(gguf, Path(folder), interval)
         label = Path(gguf).stem
         # Raw llama-cpp-python exactly as space/engine.py sets it up and calls it.
-        raw = Llama(model_path=gguf, n_ctx=4096, n_threads=usable_cpus(), n_threads_batch=usable_cpus(), verbose=False)
+        raw = open_gguf(gguf, n_ctx=4096)
 
         def raw_run(message: str) -> dict:
             times, started = [], time.perf_counter()
@@ -647,6 +651,20 @@ def run_sections(args, results: dict) -> None:
         one_b = Paths(args.work, "1b")
         save("space", measured("space", gguf=str(one_b.q4), repeats=args.repeats, new_tokens=128, turns=6,
                                turn_tokens=64, folder=str(args.work), intervals=[STREAM_INTERVAL, 0.0]))  # default, per token
+    if "buffers" in args.sections:
+        one_b = Paths(args.work, "1b")
+        ensure_exported(one_b)
+        runs = {"on": [], "off": []}
+        for repeat in range(args.repeats):  # both settings once per repetition
+            for setting in runs:
+                runs[setting].append(measured("generate", kind="llama.cpp", model=str(one_b.q4),
+                                              tokenizer=str(one_b.merged), dtype=None, prompt_tokens=512,
+                                              new_tokens=128, extra_buffers=setting))
+                log(f"buffers {repeat + 1}/{args.repeats} {setting}: {runs[setting][-1]['tokens_per_s']:.2f} tok/s, "
+                    f"TTFT {runs[setting][-1]['ttft_s']:.2f} s")
+        save("buffers", {"prompt_tokens": runs["on"][0]["prompt_tokens"], "new_tokens": 128, "runs": runs,
+                         "cpu": bench_train.cpu_name(), "system_info": system_info(),
+                         "auto": extra_buffers().describe()})
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -718,6 +736,12 @@ def summary(results: dict) -> dict:
     training = sections.get("training")
     if training:
         out["training"] = training["median_tokens_per_second"]
+    buffers = sections.get("buffers")
+    if buffers:
+        paths = {setting: {"tokens_per_s": median(r["tokens_per_s"] for r in runs),
+                           "ttft_s": median(r["ttft_s"] for r in runs)} for setting, runs in buffers["runs"].items()}
+        out["buffers"] = {**paths, "decode_off_vs_on": paths["off"]["tokens_per_s"] / paths["on"]["tokens_per_s"],
+                          "prefill_off_vs_on": paths["on"]["ttft_s"] / paths["off"]["ttft_s"]}
     return out
 
 
@@ -947,6 +971,26 @@ def render_report(results: dict, s: dict) -> str:
         t = sections["training"]
         lines += [bench_train.render(t, t["measured"], f"python scripts/bench.py --sections training --repeats "
                                                        f"{t['repeats']}"), ""]
+    if "buffers" in sections:
+        b, sb = sections["buffers"], s["buffers"]
+        lines += ["## llama.cpp's extra buffer types: the cost of the AMX safe path", "",
+                  f"Measured {b['measured']} on {b['cpu']} (`python scripts/bench.py --sections buffers --repeats "
+                  f"{len(b['runs']['on'])}`): the 1B-shaped q4_k_m through `common/llama.py` with "
+                  f"`FINETOME_LLAMA_EXTRA_BUFFERS=on` and `=off`, in turn within each repetition; a "
+                  f"{b['prompt_tokens']}-token chat prompt (TTFT: reading it), then {b['new_tokens']} greedy tokens "
+                  f"(tokens/s: decoding). llama.cpp's system info here: `{b['system_info']}`; the automatic "
+                  f"choice: {b['auto']}.", "",
+                  "| extra buffer types | median tokens/s | runs | median TTFT | runs |", "|---|---|---|---|---|"]
+        for setting in ("on", "off"):
+            runs = b["runs"][setting]
+            lines.append(f"| {setting} | **{sb[setting]['tokens_per_s']:.2f}** | "
+                         f"{_runs([r['tokens_per_s'] for r in runs], '{:.2f}')} | {sb[setting]['ttft_s']:.2f} s | "
+                         f"{_runs([r['ttft_s'] for r in runs], '{:.2f}')} |")
+        lines += ["", f"Off vs on: decoding at **{sb['decode_off_vs_on']:.2f}×** the speed, reading the prompt at "
+                  f"**{sb['prefill_off_vs_on']:.2f}×**. The safe path is taken only where llama.cpp reports its AMX "
+                  "path (`AMX_INT8 = 1`), whose kernels crash on q4_k_m and q8_0 (llama.cpp issue 20824): there the "
+                  "comparison is with a crash, and REPACK is lost with AMX since llama.cpp switches them together. "
+                  "Everywhere else the fast path stays on.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

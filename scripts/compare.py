@@ -52,7 +52,8 @@ import numpy as np  # noqa: E402
 from export.config import UsageError, UsageParser  # noqa: E402
 from bench_train import cpu_name  # noqa: E402
 from export.errors import ExportError  # noqa: E402
-from export.gguf import usable_cpus  # noqa: E402
+from common.llama import open_gguf  # noqa: E402
+from common.machine import usable_cpus  # noqa: E402
 from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
 from export.hub import hub_errors, validate_repo_id  # noqa: E402
 from space.engine import Engine, ModelSpec, Sampling  # noqa: E402
@@ -627,8 +628,6 @@ def conversation_tokens(llm, template: GgufChatTemplate, messages: list[dict]) -
 def score_heldout(engine: Engine, label: str, conversations: list[list[dict]], n_ctx: int,
                   progress: Callable[[str], None] = log) -> dict:
     """Per-conversation negative log-likelihood of the assistant tokens from the GGUF's own logits."""
-    from llama_cpp import Llama
-
     llm = engine.get(label)
     template = GgufChatTemplate(engine.chat_formatter(label))
     encoded = [conversation_tokens(llm, template, messages) for messages in conversations]
@@ -637,8 +636,8 @@ def score_heldout(engine: Engine, label: str, conversations: list[list[dict]], n
              f"{longest * llm.n_vocab() * 4 / 1e9:.2f} GB of logits)")
     # A second Llama over the same (memory-mapped) file: logits_all keeps every position's logits, which the
     # Space's instance does not; its context only needs the longest conversation.
-    scorer = Llama(model_path=llm.model_path, n_ctx=longest, n_batch=min(512, longest), logits_all=True,
-                   n_threads=engine.n_threads, n_threads_batch=engine.n_threads, verbose=False)
+    scorer = open_gguf(llm.model_path, n_ctx=longest, n_batch=min(512, longest), logits_all=True,
+                       n_threads=engine.n_threads)
     started, per_conversation, total_nll, total_scored = time.perf_counter(), [], 0.0, 0
     try:
         for index, (tokens, mask) in enumerate(encoded):

@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.llama import extra_buffers, open_gguf  # noqa: E402
+
 KILL_AFTER_STEP = 4
 
 
@@ -51,10 +55,7 @@ def train_with_a_crash(out: Path) -> dict:
 
 
 def chat_once(gguf: Path) -> tuple[str, float, int]:
-    from llama_cpp import Llama
-
-    threads = len(os.sched_getaffinity(0))
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = open_gguf(gguf, n_ctx=1024)
     started, tokens, text = time.perf_counter(), 0, ""
     for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": "What is LoRA, in one sentence?"}],
                                             max_tokens=64, temperature=0.7, top_p=0.9, stream=True):
@@ -95,6 +96,7 @@ def main() -> None:
           f"top-1 {report['logits_f16_vs_merged']['top1_agreement_ties']:.2%}; q4_k_m mean KLD "
           f"{q4.get('kld_mean', float('nan')):.5f}")
     print(f"chat:      {tokens} tokens at {tokens_per_second:.0f} tokens/s (llama-cpp-python, q4_k_m)")
+    print(f"runtime:   {extra_buffers().describe()}")
     print(f"report:    {export_dir / 'report.json'}, model card {export_dir / 'README.md'}")
     print(f"total:     {time.perf_counter() - started:.0f} s")
 

@@ -5,8 +5,8 @@
         --model-3b USER/Llama-3.2-3B-Instruct-FineTome-GGUF
     python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b USER/X-GGUF --dry-run out/space
 
-The Space's files are the contents of space/ (app.py at the root, the Space's app_file), requirements-space.txt as
-requirements.txt, and README.md, the Space card: YAML front matter from this script and the body from
+The Space's files are the contents of space/ (app.py at the root, the Space's app_file), the base package common/
+beside it, requirements-space.txt as requirements.txt (it asks for a portable llama.cpp build), and README.md, the Space card: YAML front matter from this script and the body from
 space/README_space.md. They go up in one commit. The model catalog reaches the app as the Space variable
 SPACE_MODELS; --votes-repo also sets SPACE_VOTES_REPO, and --variable KEY=VALUE any other variable the app reads
 (SPACE_VOTES_PATH, SPACE_N_CTX, SPACE_COMPARE_MODE). Variables persist on the Space: one a previous deploy set and
@@ -43,6 +43,7 @@ from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id  
 
 # Read at call time, so tests can point them at a folder of their own.
 SPACE_DIR = REPO / "space"
+BASE_DIR = REPO / "common"  # the base package the app imports; the Space gets it beside app.py
 REQUIREMENTS = REPO / "requirements-space.txt"
 TEMPLATE = REPO / "space" / "README_space.md"
 
@@ -322,6 +323,9 @@ def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree
     for name in GENERATED:
         if (space_dir / name).exists():
             problems.append(f"{space_dir / name} would be replaced by the generated {name}: rename or move it")
+    if (space_dir / BASE_DIR.name).exists():
+        problems.append(f"{space_dir / BASE_DIR.name} would be replaced by the project's base package "
+                        f"{BASE_DIR.name}/, which the Space gets beside {APP_FILE}: rename or move it")
     for path in (REQUIREMENTS, TEMPLATE):
         if not path.is_file():
             problems.append(f"{path} not found: deploy from a full checkout of the project")
@@ -334,6 +338,9 @@ def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree
 
     kept, left_out = space_files(space_dir)
     files = {name: (space_dir / name).read_bytes() for name in kept}
+    for path in sorted(BASE_DIR.rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            files[f"{BASE_DIR.name}/{path.relative_to(BASE_DIR).as_posix()}"] = path.read_bytes()
     files["README.md"] = card.encode("utf-8")
     files["requirements.txt"] = requirements
     return SpaceTree(files=dict(sorted(files.items())), variables=config.variables(), left_out=left_out)

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import gradio as gr
 
-# Runs as `python space/app.py` in the repo and as `python app.py` in the Space: engine.py sits beside it.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Runs as `python space/app.py` in the repo and as `python app.py` in the Space: engine.py sits beside it, and the
+# base package common/ sits beside it in the Space (scripts/deploy_space.py uploads it) or one folder up here.
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE if (HERE / "common").is_dir() else HERE.parent)]
 
+from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
 from engine import (Engine, Sampling, UserError, VoteLog, catalog_from_paths, load_catalog,  # noqa: E402
                     throttled, unique_vote_file)
 
@@ -172,7 +175,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         catalog = catalog_from_paths(args.model) if args.model else load_catalog()
-    except UserError as e:
+        print(extra_buffers().describe(), flush=True)  # which llama.cpp path every model here takes, and why
+    except (UserError, LlamaSetupError) as e:
         sys.exit(f"error: {e}")
     engine = Engine(catalog, n_ctx=args.n_ctx)
     votes_path = Path(args.votes)

@@ -32,6 +32,9 @@ import yaml
 from llama_cpp import Llama, LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from common.llama import open_gguf, open_gguf_from_hub
+from common.machine import usable_cpus
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CATALOG = Path(__file__).with_name("models.yaml")
@@ -500,7 +503,7 @@ class Engine:
         self.catalog = {spec.label: spec for spec in catalog}
         self.labels = list(self.catalog)
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or len(os.sched_getaffinity(0))
+        self.n_threads = n_threads or usable_cpus()
         self.max_message_chars = max_message_chars
         self.cache_bytes = cache_bytes
         self.drop_step = max(1, drop_step)
@@ -515,12 +518,12 @@ class Engine:
 
     # -------------------------------------------------------------- models
     def _load_llama(self, spec: ModelSpec) -> Llama:
-        settings = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=False)
+        settings = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads)
         if self.seed is not None:
             settings["seed"] = self.seed
         if spec.path:
-            return Llama(model_path=spec.path, **settings)
-        return Llama.from_pretrained(spec.repo_id, spec.filename, **settings)  # into the huggingface_hub cache
+            return open_gguf(spec.path, **settings)
+        return open_gguf_from_hub(spec.repo_id, spec.filename, **settings)  # into the huggingface_hub cache
 
     def _check_label(self, label) -> str:
         if not isinstance(label, str) or label not in self.catalog:

@@ -102,7 +102,9 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
     assert dry_run(deploy_space, out) == 0
 
     tree = tree_of(out)
-    assert set(tree) == {"README.md", "requirements.txt", *FAKE_SPACE_KEPT}
+    assert set(tree) == {"README.md", "requirements.txt", *FAKE_SPACE_KEPT, *_base_package()}
+    for name in _base_package():
+        assert tree[name] == (REPO / name).read_bytes()
     for name, text in FAKE_SPACE_KEPT.items():
         assert tree[name] == text.encode()  # byte for byte, at the same relative place
     assert tree["requirements.txt"] == REQUIREMENTS_SPACE.read_bytes()
@@ -121,6 +123,12 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
         assert f"left out: space/{name}" in output  # what is skipped is said, not silently dropped
     assert "README_space.md" not in output and "__pycache__" not in output  # expected every time: not said
     assert "nothing was uploaded" in output
+
+
+def _base_package() -> set[str]:
+    """common/, the base package the app imports, as the Space gets it beside app.py (sources only)."""
+    return {path.relative_to(REPO).as_posix() for path in (REPO / "common").rglob("*.py")
+            if "__pycache__" not in path.parts}
 
 
 def _listing_of_space() -> set[str]:
@@ -143,7 +151,7 @@ def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_pat
     assert dry_run(deploy_space, out) == 0
     tree = tree_of(out)
     assert {"app.py", "requirements.txt", "README.md"} <= set(tree)
-    assert set(tree) == _listing_of_space() | {"README.md", "requirements.txt"}
+    assert set(tree) == _listing_of_space() | _base_package() | {"README.md", "requirements.txt"}
     for name in _listing_of_space():
         assert tree[name] == (REAL_SPACE / name).read_bytes()
 
@@ -151,7 +159,16 @@ def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_pat
     assert card["app_file"] in tree  # the Space has the file its card says to run
     requirements = tree["requirements.txt"].decode()
     for package in ("gradio", "llama-cpp-python"):
-        assert re.search(rf"^{package}==\d+\.\d+\.\d+$", requirements, re.MULTILINE), package
+        assert re.search(rf"^{package}==\d+\.\d+\.\d+( |$)", requirements, re.MULTILINE), package
+    # A portable llama.cpp: not compiled for the build machine's own CPU (see requirements-space.txt).
+    assert re.search(r"^llama-cpp-python==\S+ --config-settings=cmake\.define\.GGML_NATIVE=OFF$", requirements,
+                     re.MULTILINE)
+
+    # The uploaded tree starts on its own: app.py at its root finds engine.py and common/ beside it.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    started = subprocess.run([sys.executable, "app.py", "--help"], cwd=out, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert started.returncode == 0 and "--model" in started.stdout, started.stderr[-2000:]
 
 
 def test_card_front_matter_is_what_the_hub_reads(deploy_space, fake_space, tmp_path):
@@ -367,6 +384,14 @@ def test_space_folder_may_not_hold_the_generated_files(deploy_space, fake_space,
                                        "generated requirements.txt: rename or move it\n")
 
 
+def test_space_folder_may_not_hold_a_base_package_of_its_own(deploy_space, fake_space, tmp_path, capsys):
+    (fake_space / "common").mkdir()
+    assert dry_run(deploy_space, tmp_path / "out") == 2
+    assert capsys.readouterr().err == (f"error: {fake_space / 'common'} would be replaced by the project's base "
+                                       "package common/, which the Space gets beside app.py: rename or move it\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_gradio_pin_must_match_the_installed_gradio(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
     requirements = tmp_path / "requirements-space.txt"
     requirements.write_text("gradio==5.0.0\nllama-cpp-python==0.3.36\n")
@@ -407,7 +432,8 @@ def test_template_placeholders_must_all_be_known_and_used(deploy_space):
 
 def test_requirements_space_is_pinned_and_commented():
     lines = [line for line in REQUIREMENTS_SPACE.read_text().splitlines() if line and not line.startswith("#")]
-    assert lines == ["gradio==6.31.0", "llama-cpp-python==0.3.36", "huggingface_hub==1.33.0", "pyyaml==6.0.3"]
+    assert lines == ["gradio==6.31.0", "llama-cpp-python==0.3.36 --config-settings=cmake.define.GGML_NATIVE=OFF",
+                     "huggingface_hub==1.33.0", "pyyaml==6.0.3"]
     assert "compiles llama.cpp" in REQUIREMENTS_SPACE.read_text()
 
 

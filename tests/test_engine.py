@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import space.engine as engine_module
+from common.llama import extra_buffers, open_gguf
 from space.engine import (Engine, ModelSpec, Reply, Sampling, UserError, VoteLog, catalog_from_paths,
                           flatten_content, history_to_messages, load_catalog, trim_history, unique_vote_file)
 
@@ -506,9 +507,9 @@ def test_threads_follow_cpu_affinity_not_cpu_count(tiny_gguf, monkeypatch):
 def test_hub_entries_load_through_from_pretrained(tiny_gguf, monkeypatch):
     calls = []
 
-    def from_pretrained(repo_id, filename, **settings):  # stands in for the Hub download
+    def from_pretrained(repo_id, filename, **settings):  # stands in for the Hub download, then cls(model_path=...)
         calls.append((repo_id, filename, settings))
-        return engine_module.Llama(model_path=str(tiny_gguf), **settings)
+        return open_gguf(tiny_gguf, **settings)
 
     monkeypatch.setattr(engine_module.Llama, "from_pretrained", from_pretrained)
     engine = Engine([ModelSpec("Hub model", repo_id="me/Model-GGUF", filename="*Q4_K_M.gguf")], n_ctx=512)
@@ -517,6 +518,7 @@ def test_hub_entries_load_through_from_pretrained(tiny_gguf, monkeypatch):
     (repo_id, filename, settings), = calls
     assert (repo_id, filename) == ("me/Model-GGUF", "*Q4_K_M.gguf")
     assert settings["n_ctx"] == 512 and settings["verbose"] is False
+    assert engine.get("Hub model").model_params.use_extra_bufts is extra_buffers().enabled  # the one place's choice
 
 
 def test_only_catalog_models_are_ever_loaded(tiny_gguf):
@@ -524,7 +526,7 @@ def test_only_catalog_models_are_ever_loaded(tiny_gguf):
 
     def loader(spec):
         loaded.append(spec)
-        return engine_module.Llama(model_path=str(tiny_gguf), n_ctx=512, verbose=False)
+        return open_gguf(tiny_gguf, n_ctx=512)
 
     engine = Engine([ModelSpec("Only", path=str(tiny_gguf))], loader=loader)
     for label in ("../etc/passwd", str(tiny_gguf), "only", "Only "):

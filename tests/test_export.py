@@ -37,13 +37,19 @@ def test_export_writes_verified_q4_k_m_and_q8_0(exported):
     assert [f["name"] for f in report["files"]] == [q4.name, q8.name]
     assert q4.stat().st_size < q8.stat().st_size
     assert "verify:" in result.stdout and str(q4) in result.stdout
+    # Which llama.cpp path every GGUF was decoded with, and why: said once, and kept in the report.
+    from common.llama import extra_buffers
+
+    assert result.stdout.count("runtime: llama.cpp ") == 1
+    assert f"runtime: {extra_buffers().describe()}" in result.stdout
+    assert report["llama_cpp_extra_buffers"] == {"enabled": extra_buffers().enabled, "reason": extra_buffers().reason}
 
 
 def test_gguf_is_llama_3_and_chats_in_llama_cpp_python(exported):
-    from llama_cpp import Llama
+    from common.llama import open_gguf
 
     out, _ = exported
-    llm = Llama(model_path=str(out / f"{NAME}-Q4_K_M.gguf"), n_ctx=512, verbose=False)
+    llm = open_gguf(out / f"{NAME}-Q4_K_M.gguf", n_ctx=512)
     assert llm.metadata["tokenizer.ggml.pre"] == "llama-bpe"
     assert llm.metadata["tokenizer.ggml.eos_token_id"] == "128009" and llm.token_eos() == 128009
     assert llm.metadata["general.file_type"] == "15"  # LLAMA_FTYPE_MOSTLY_Q4_K_M

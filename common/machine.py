@@ -1,0 +1,14 @@
+"""What this machine lets a process use."""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), not the machine's count: a Space container sees the host's
+    cores in os.cpu_count(), and more llama.cpp threads than usable cores make it several times slower."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
