@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 from export.config import UsageError, UsageParser  # noqa: E402
 from bench_train import cpu_name  # noqa: E402
 from export.errors import ExportError  # noqa: E402
-from common.llama import open_gguf  # noqa: E402
+from common.llama import extra_buffers, open_gguf  # noqa: E402
 from common.machine import usable_cpus  # noqa: E402
 from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
 from export.hub import hub_errors, validate_repo_id  # noqa: E402
@@ -261,7 +261,8 @@ def render_markdown(report: Mapping) -> str:
         f"Measured by `scripts/compare.py` on {report['created']} on {machine['cpu']} ({machine['cores']} cores, "
         f"{settings['n_threads']} threads used), llama-cpp-python {report['versions']['llama_cpp_python']}, "
         f"Python {report['versions']['python']}; {report['wall_s']:.0f} s in all. Load average at the start "
-        f"{machine['load_average']} (other processes on these cores slow every timing).",
+        f"{machine['load_average']} (other processes on these cores slow every timing)."
+        + (f" {machine['llama_cpp']}." if "llama_cpp" in machine else ""),
         "Each model is served as the Space serves it (`space/engine.py`'s streaming path, without the web page): its "
         f"GGUF's own chat template, n_ctx {settings['n_ctx']}, one model answering at a time.",
         "",
@@ -737,9 +738,9 @@ def generate_answers(engine: Engine, label: str, prompts: list[Prompt], sampling
 
 
 def machine_info() -> dict:
-    """The CPU's name and core counts, for the report's header."""
+    """The CPU's name and core counts, and llama.cpp's path on it, for the report's header."""
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "usable_cores": usable_cpus(),
-            "system": f"{platform.system()} {platform.release()}",
+            "llama_cpp": extra_buffers().describe(), "system": f"{platform.system()} {platform.release()}",
             "load_average": round(os.getloadavg()[0], 2)}  # 1 minute: others busy on these cores slow the timings
 
 
