@@ -21,8 +21,9 @@ type skips the check of which tensor types it can hold (llama-model-loader.cpp).
 
 - llama.cpp's own system info reports `AMX_INT8 = 1` (the loaded library has the AMX path): extra buffer types
   off, the safe path. The system info reads the library, not the CPU: a portable build (GGML_NATIVE=OFF, as
-  scripts/deploy_space.py asks of the Space's build) has no AMX path on any CPU and keeps the fast path.
-- everywhere else: on, the fast path (what REPACK is worth is measured in docs/benchmarks.md).
+  scripts/deploy_space.py asks of the Space's build) has no AMX path on any CPU and keeps them on.
+- everywhere else: on, llama.cpp's default (what it is worth against off is measured in docs/benchmarks.md; on
+  this project's 2-core AMD EPYC build machine, off was no slower).
 
 FINETOME_LLAMA_EXTRA_BUFFERS=on|off overrides the choice either way; auto (the default) decides as above.
 """
@@ -83,7 +84,7 @@ class ExtraBuffers:
     reason: str
 
     def describe(self) -> str:
-        path = "fast path: extra buffer types on" if self.enabled else "safe path: extra buffer types off"
+        path = "default path: extra buffer types on" if self.enabled else "safe path: extra buffer types off"
         return f"llama.cpp {path} ({self.reason}; {EXTRA_BUFFERS_ENV}=on|off overrides)"
 
 
@@ -179,3 +180,21 @@ def open_gguf_from_hub(repo_id: str, filename: str, **settings) -> Llama:
 
     with _model_params(extra_buffers().enabled):
         return Llama.from_pretrained(repo_id, filename, **_settings(settings))
+
+
+def gguf_chat_formatter(llm: Llama):
+    """The GGUF's own chat template (`tokenizer.chat_template`) as a Jinja2ChatFormatter, built the way Llama.__init__
+    builds its chat handler, stopping at the GGUF's end-of-generation token (<|eot_id|> for Llama 3.x); None when
+    the GGUF has no template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    eos_id, bos_id = llm.token_eos(), llm.token_bos()
+
+    def text_of(token_id: int) -> str:
+        return llm.detokenize([token_id], special=True).decode("utf-8") if token_id != -1 else ""
+
+    return Jinja2ChatFormatter(template=template, eos_token=text_of(eos_id), bos_token=text_of(bos_id),
+                               stop_token_ids=[eos_id])

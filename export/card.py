@@ -11,7 +11,9 @@ import re
 
 import yaml
 
-DATASET = "mlabonne/FineTome-100k"
+from common.hub import looks_like_repo_id
+from common.llama3 import DATASET
+
 LICENSE = "llama3.2"  # the Hub's license id for the Llama 3.2 Community License
 TAGS = ["gguf", "llama-cpp", "llama-3.2", "conversational", "text-generation", "lora", "finetome"]
 # quantized_by when the card is rendered for a local export that has no repo (no Hub user to credit).
@@ -19,7 +21,6 @@ DEFAULT_QUANTIZER = "finetome-pipeline"
 # Unquantized GGUF types: the usage example points at the first real quant instead when there is one.
 UNQUANTIZED = {"f32", "f16", "bf16"}
 # The Hub rejects a base_model that is not a "namespace/name" model id (a local folder, builtin:tiny-llama-3.2).
-HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", re.ASCII)
 # Context window of the usage example: Llama-3.2 handles 131,072 tokens, but the KV cache grows with n_ctx and
 # 4,096 keeps a 1B/3B model within a free CPU Space's RAM.
 EXAMPLE_CONTEXT = 4096
@@ -85,7 +86,7 @@ def front_matter(info: dict) -> dict:
     run = info.get("run") or {}
     repo_id = info.get("repo_id")
     metadata = {}
-    if HUB_MODEL_ID.fullmatch(info["base_model"]):
+    if looks_like_repo_id(info["base_model"]):
         metadata["base_model"] = info["base_model"]
         metadata["base_model_relation"] = "quantized"
     metadata.update({
@@ -101,7 +102,7 @@ def front_matter(info: dict) -> dict:
 
 def _introduction(info: dict) -> str:
     base = info["base_model"]
-    base_link = f"[{base}](https://huggingface.co/{base})" if HUB_MODEL_ID.fullmatch(base) else f"`{base}`"
+    base_link = f"[{base}](https://huggingface.co/{base})" if looks_like_repo_id(base) else f"`{base}`"
     return (f"# {info['name']}\n\n"
             f"{base_link} fine-tuned with LoRA on [FineTome-100k](https://huggingface.co/datasets/{DATASET}), "
             "then the adapter merged into the 16-bit weights, converted to GGUF and quantized with llama.cpp's own "

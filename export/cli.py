@@ -1,10 +1,12 @@
-"""Command-line front end of the export stage: user mistakes become one line and a non-zero exit."""
+"""Command-line front end of the export stage: user mistakes become one line and a non-zero exit (common/cli.py)."""
 
 from __future__ import annotations
 
 import sys
 
-from .config import UsageError, config_from_args
+from common.cli import EXIT_INTERRUPTED, UsageError, report_problem
+
+from .config import config_from_args
 from .errors import ExportError
 
 
@@ -18,9 +20,8 @@ def main(argv: list[str] | None = None, client=None) -> int:
     try:
         run(config, client=client)
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_problem(e)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command; completed stages are kept and skipped", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0

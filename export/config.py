@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cli import UsageError, UsageParser
+from common.hub import looks_like_repo_id
+
 from .gguf import QUANT_TYPES
 
-HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 MERGE_DTYPES = ("float16", "bfloat16")
-
-
-class UsageError(ValueError):
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-    def report(self) -> int:
-        """Print each problem as one `error:` line on stderr; returns the exit status for a usage mistake (2)."""
-        for problem in self.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
 
 
 @dataclass
@@ -61,7 +50,7 @@ class ExportConfig:
         if self.push and not self.repo_id:
             problems.append("--push: needs --repo-id USER/NAME")
         for flag, value in (("--repo-id", self.repo_id), ("--merged-repo-id", self.merged_repo_id)):
-            if value is not None and not HUB_REPO.match(value):
+            if value is not None and not looks_like_repo_id(value):
                 problems.append(f"{flag} {value!r}: must look like USER/NAME (letters, digits, '-', '_', '.')")
         if self.push_merged and not self.push:
             problems.append("--push-merged: only together with --push")
@@ -83,13 +72,6 @@ class ExportConfig:
         if self.out:
             return Path(self.out).expanduser()
         return self.adapter_dir.parent / "gguf"
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UsageError, so every mistake is reported the same way."""
-
-    def error(self, message):
-        raise UsageError([message])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from common.files import temporary_path
+from common.llama3 import cache_root
 from common.machine import usable_cpus
 
 from .errors import ExportError
-from .files import temporary_path
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def llama_cpp_version() -> str:
 
 
 def converter_cache_dir() -> Path:
-    root = Path(os.environ.get("FINETOME_CACHE", Path.home() / ".cache" / "finetome-pipeline"))
+    root = cache_root()
     return root / f"llama.cpp-converter-{llama_cpp_version()}"
 
 

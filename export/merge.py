@@ -21,7 +21,6 @@ before anything is written: never a silent wrong merge.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,8 +31,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import remove_stale_temporaries, sha256_file, swap_in_folder, temporary_path
+from common.llama3 import EOT
 from export.errors import ExportError
-from export.files import remove_stale_temporaries, temporary_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,7 +42,6 @@ INDEX_FILE = "model.safetensors.index.json"
 MANIFEST = "merge_manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
-END_OF_TURN = "<|eot_id|>"  # Llama-3's end-of-turn token (id 128009): chat replies end with it, not with eos
 
 # --dtype → safetensors dtype code and bytes per value.
 OUTPUT_DTYPES = {"float16": ("F16", 2), "bfloat16": ("BF16", 2)}
@@ -183,7 +182,8 @@ def merge_lora_streaming(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype
     with _open_safetensors(adapter_dir / ADAPTER_WEIGHTS) as adapter_file:
         updates = _plan_updates(adapter_config, adapter_file, base_shapes, adapter_dir, base_dir)
     tokenizer_dir = _tokenizer_source(adapter_dir, base_dir)
-    generation_config = _generation_config(base_dir, base_config, _added_token_id(tokenizer_dir, END_OF_TURN))
+    # Chat replies end with <|eot_id|>, not with eos: generation must stop on it too.
+    generation_config = _generation_config(base_dir, base_config, _added_token_id(tokenizer_dir, EOT))
 
     staging = temporary_path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def merge_lora_streaming(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, staging / name)
         _write_manifest(staging, base_dir, adapter_dir, dtype, len(updates))
-        _swap_in(staging, out_dir)
+        swap_in_folder(staging, out_dir)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise ExportError(f"writing the merged model to {staging} failed ({error}); check free disk space "
@@ -490,25 +490,10 @@ def _write_json(path: Path, data) -> None:
 
 def _write_manifest(staging: Path, base_dir: Path, adapter_dir: Path, dtype: str, adapted: int) -> None:
     """Written last: its presence, and every file at its listed size, is what makes the folder complete."""
-    with (adapter_dir / ADAPTER_WEIGHTS).open("rb") as handle:
-        adapter_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    adapter_sha256 = sha256_file(adapter_dir / ADAPTER_WEIGHTS)
     files = {path.name: path.stat().st_size for path in sorted(staging.iterdir()) if path.is_file()}
     manifest = {"base": str(base_dir.resolve()), "adapter": str(adapter_dir.resolve()),
                 "adapter_sha256": adapter_sha256, "dtype": dtype, "adapted_tensors": adapted, "files": files}
     with (staging / MANIFEST).open("w") as handle:
         handle.write(json.dumps(manifest, indent=2) + "\n")
         _durable(handle)
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an existing out_dir is moved aside first, deleted after."""
-    previous = temporary_path(out_dir, "old")
-    if out_dir.exists():
-        out_dir.rename(previous)
-    try:
-        staging.rename(out_dir)
-    except OSError:
-        if previous.exists():
-            previous.rename(out_dir)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)

@@ -6,26 +6,25 @@ temporary name and renamed when complete; the report is written only when every 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from common.files import remove_stale_temporaries, sha256_file, write_text_atomic
 from common.llama import LlamaSetupError, extra_buffers
+from common.log import stage_logger
 from common.machine import usable_cpus
 
 from . import gguf, verify
 from .config import ExportConfig
 from .errors import ExportError
-from .files import remove_stale_temporaries, write_text_atomic
 
 MERGED = "merged-16bit"
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
+log = stage_logger("export").info
 
 
 def _size(path: Path) -> str:
@@ -126,11 +125,6 @@ def _report_is_current(report_path: Path, files: list[Path], adapter_sha: str) -
     return None
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def run(config: ExportConfig, client=None) -> dict:
     """The whole export. `client` is an HfApi-like object for --push (tests inject a recorder)."""
     started = time.perf_counter()
@@ -151,7 +145,7 @@ def run(config: ExportConfig, client=None) -> dict:
     check_disk(out_dir, base_dir, quants)
     for stale in remove_stale_temporaries(out_dir):
         log(f"cleanup: removed {stale.name} left by an interrupted run")
-    adapter_sha = _sha256(config.adapter_dir / "adapter_model.safetensors")
+    adapter_sha = sha256_file(config.adapter_dir / "adapter_model.safetensors")
     outputs = [out_dir / gguf.gguf_file_name(name, q) for q in quants]
     report_path = out_dir / "report.json"
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf import ftype_value
+from common.llama3 import EOT_ID, TEMPLATE_DATE
 
-LLAMA3_EOT_ID = 128009
-TEMPLATE_DATE = "26 Jul 2024"  # fixed, so both renderings of the template agree whatever the day
+from .gguf import ftype_value
 
 # Tokenizer parity: varied text where tokenizers usually disagree.
 TOKENIZER_TEXTS = [
@@ -90,8 +89,8 @@ def check_metadata(path: Path, quant: str, hf_tokenizer) -> list[Check]:
         Check("architecture", meta.get("general.architecture") == "llama", meta.get("general.architecture"), "llama"),
         Check("pre-tokenizer", meta.get("tokenizer.ggml.pre") == "llama-bpe", meta.get("tokenizer.ggml.pre"),
               "llama-bpe"),
-        Check("eos token", meta.get("tokenizer.ggml.eos_token_id") == str(eot) == str(LLAMA3_EOT_ID),
-              meta.get("tokenizer.ggml.eos_token_id"), f"{LLAMA3_EOT_ID} (<|eot_id|>)"),
+        Check("eos token", meta.get("tokenizer.ggml.eos_token_id") == str(eot) == str(EOT_ID),
+              meta.get("tokenizer.ggml.eos_token_id"), f"{EOT_ID} (<|eot_id|>)"),
         Check("chat template", meta.get("tokenizer.chat_template", "") == hf_tokenizer.chat_template,
               "present" if meta.get("tokenizer.chat_template") else "missing", "equal to the tokenizer's"),
         Check("file type", meta.get("general.file_type") == str(ftype_value(quant)), meta.get("general.file_type"),
@@ -117,14 +116,11 @@ def check_tokenizer(path: Path, hf_tokenizer) -> Check:
 
 def gguf_chat_prompt(path: Path, messages: list[dict], **template_kwargs) -> str:
     """The prompt llama-cpp-python renders for a chat, built from the GGUF as `Llama` builds its handler."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from common.llama import gguf_chat_formatter
 
-    llm = _llama(path, vocab_only=True)
-    formatter = Jinja2ChatFormatter(
-        template=llm.metadata["tokenizer.chat_template"],
-        eos_token=llm._model.token_get_text(llm.token_eos()),
-        bos_token=llm._model.token_get_text(llm.token_bos()),
-    )
+    formatter = gguf_chat_formatter(_llama(path, vocab_only=True))
+    if formatter is None:
+        return ""  # no template in the GGUF: check_template reports the mismatch
     return formatter(messages=messages, **template_kwargs).prompt
 
 

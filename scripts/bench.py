@@ -24,7 +24,7 @@ Sections, each measurement repeated, median reported:
               transformers on the merged model in fp32 and bf16, each against the bandwidth bound
   space       the Space (python space/app.py) as a gradio_client consumer sees it vs raw llama-cpp-python on the
               same GGUF; time to first token over the 6 turns of a conversation
-  buffers     llama.cpp's extra buffer types (REPACK, AMX) on vs off on the 1B q4_k_m, with a 512-token prompt:
+  buffers     llama.cpp's extra buffer types (REPACK, AMX) on vs off on the 1B q4_k_m, with a 128-token prompt:
               what the safe path of common/llama.py costs where it is taken (CPUs with llama.cpp's AMX path)
 Every step that loads a model runs in its own process, so the peak RSS reported is that process tree's own.
 """
@@ -51,7 +51,8 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import bench_train  # noqa: E402  (after the path set-up above)
 from common.llama import EXTRA_BUFFERS_ENV, extra_buffers, open_gguf, system_info  # noqa: E402
-from common.machine import usable_cpus  # noqa: E402
+from common.log import stage_logger  # noqa: E402
+from common.machine import cpu_name, usable_cpus  # noqa: E402
 
 DOCS = REPO / "docs"
 REPORT, CHART, RESULTS = DOCS / "benchmarks.md", DOCS / "benchmarks.png", DOCS / "benchmarks.json"
@@ -101,8 +102,7 @@ PROMPT_TEXT = (  # for the ~100-token generation prompt; cut to length in prompt
 )
 
 
-def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)  # stderr: a worker's stdout carries its result
+log = stage_logger("bench", stream="stderr", prefix="bench: ").info  # stderr: a worker's stdout carries its result
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -658,12 +658,12 @@ def run_sections(args, results: dict) -> None:
         for repeat in range(args.repeats):  # both settings once per repetition
             for setting in runs:
                 runs[setting].append(measured("generate", kind="llama.cpp", model=str(one_b.q4),
-                                              tokenizer=str(one_b.merged), dtype=None, prompt_tokens=512,
+                                              tokenizer=str(one_b.merged), dtype=None, prompt_tokens=128,
                                               new_tokens=128, extra_buffers=setting))
                 log(f"buffers {repeat + 1}/{args.repeats} {setting}: {runs[setting][-1]['tokens_per_s']:.2f} tok/s, "
                     f"TTFT {runs[setting][-1]['ttft_s']:.2f} s")
         save("buffers", {"prompt_tokens": runs["on"][0]["prompt_tokens"], "new_tokens": 128, "runs": runs,
-                         "cpu": bench_train.cpu_name(), "system_info": system_info(),
+                         "cpu": cpu_name(), "system_info": system_info(),
                          "auto": extra_buffers().describe()})
 
 
@@ -790,7 +790,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    return {"cpu": bench_train.cpu_name(), "cores": usable_cpus(), "ram_gb": os.sysconf("SC_PHYS_PAGES") *
+    return {"cpu": cpu_name(), "cores": usable_cpus(), "ram_gb": os.sysconf("SC_PHYS_PAGES") *
             os.sysconf("SC_PAGE_SIZE") / 2**30, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "llama_cpp_python": llama_cpp.__version__}
 
@@ -990,7 +990,8 @@ def render_report(results: dict, s: dict) -> str:
                   f"**{sb['prefill_off_vs_on']:.2f}×**. The safe path is taken only where llama.cpp reports its AMX "
                   "path (`AMX_INT8 = 1`), whose kernels crash on q4_k_m and q8_0 (llama.cpp issue 20824): there the "
                   "comparison is with a crash, and REPACK is lost with AMX since llama.cpp switches them together. "
-                  "Everywhere else the fast path stays on.", ""]
+                  "Everywhere else llama.cpp's default (on) is kept; `FINETOME_LLAMA_EXTRA_BUFFERS=off` is the switch "
+                  "for a machine where off measures faster.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -1119,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"bench: {p}" for p in problems), file=sys.stderr)
         return 2
     if args.work is None:
-        from train.tiny import cache_root
+        from common.llama3 import cache_root
 
         args.work = cache_root() / "bench"
     args.work.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ The unsloth-vs-hf comparison needs a CUDA GPU; without one the section says it w
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,6 +18,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.machine import cpu_name, usable_cpus  # noqa: E402
+
 BENCHMARKS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"
 
@@ -30,16 +32,6 @@ def one_run(steps: int) -> dict:
                    "--max-steps", str(steps), "--save-steps", str(steps), "--eval-samples", "0"]
         subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
         return json.loads((Path(folder) / "run.json").read_text())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure(repeats: int, steps: int) -> dict:
@@ -60,7 +52,7 @@ def render(result: dict, measured: str, command: str) -> str:
     return f"""{BEGIN}
 ## Training
 
-Measured {measured} on {cpu_name()}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__},
+Measured {measured} on {cpu_name()}, {usable_cpus()} usable cores, torch {torch.__version__},
 by `{command}`.
 
 | what | backend | device | median tokens/s | runs (tokens/s) | peak RSS |

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -49,21 +48,23 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 import numpy as np  # noqa: E402
 
-from export.config import UsageError, UsageParser  # noqa: E402
-from bench_train import cpu_name  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 from common.llama import extra_buffers, open_gguf  # noqa: E402
-from common.machine import usable_cpus  # noqa: E402
-from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
+from common.machine import cpu_name, usable_cpus  # noqa: E402
+from common.cli import UsageError, UsageParser, first_line  # noqa: E402
+from common.hub import looks_like_repo_id  # noqa: E402
+from common.llama3 import Q4_K_M_GLOB, TEMPLATE_DATE  # noqa: E402
+from common.log import stage_logger  # noqa: E402
+from common.files import remove_stale_temporaries, temporary_path  # noqa: E402
 from export.hub import hub_errors, validate_repo_id  # noqa: E402
 from space.engine import Engine, ModelSpec, Sampling  # noqa: E402
 from train.config import TrainConfig, load_preset, resolve_local_path  # noqa: E402
-from train.data import (TEMPLATE_DATE, BadRow, DataError, assistant_spans, prepare, read_rows,  # noqa: E402
+from train.data import (BadRow, DataError, assistant_spans, prepare, read_rows,  # noqa: E402
                         standardize_row)
 
 DEFAULT_PROMPTS = REPO / "scripts" / "compare_prompts.jsonl"
 DEFAULT_OUT = "outputs/compare"
-DEFAULT_GLOB = "*Q4_K_M.gguf"  # the same convention as space/models.yaml and scripts/deploy_space.py
+DEFAULT_GLOB = Q4_K_M_GLOB  # the same convention as space/models.yaml and scripts/deploy_space.py
 DEFAULT_HELDOUT_PRESET = "tiny"  # its eval split of the shipped sample; the published models never saw the sample
 GGUF_MAGIC = b"GGUF"
 MAX_PROMPT_CHARS = inspect.signature(Engine).parameters["max_message_chars"].default  # the Space's message limit
@@ -73,12 +74,10 @@ LOGIT_ROWS_PER_CHUNK = 64  # rows of the logits turned into log-probabilities at
 FILES = ("compare.md", "compare.json", "compare.png")
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
+log = stage_logger("compare").info
 
 
 # ---------------------------------------------------------------------- pure core
-HUB_REPO_PART = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def parse_model_argument(text: str) -> ModelSpec:
@@ -109,7 +108,7 @@ def parse_model_argument(text: str) -> ModelSpec:
     if Path(value).expanduser().exists():
         return ModelSpec(label=label, path=value)
     repo, colon, glob = value.partition(":")
-    if repo.lower().endswith(".gguf") or value.startswith((".", "/", "~")) or not HUB_REPO_PART.match(repo):
+    if repo.lower().endswith(".gguf") or value.startswith((".", "/", "~")) or not looks_like_repo_id(repo):
         return ModelSpec(label=label, path=value)  # a local path: the caller reports it if it is missing
     if colon and not glob.strip():
         raise ValueError(f"empty glob after ':'; give one that matches one GGUF in the repo, e.g. {repo}:{DEFAULT_GLOB}")
@@ -807,11 +806,6 @@ def write_report(out: Path, report: dict) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- main
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(error).__name__
-
-
 def load_models(engine: Engine, specs: list[ModelSpec]) -> dict[str, float]:
     """Load (and for Hub repos first download) every model before any measuring, so that a model that cannot be had
     fails the run in seconds rather than after the others were measured. Returns each model's load time.
@@ -829,14 +823,14 @@ def load_models(engine: Engine, specs: list[ModelSpec]) -> dict[str, float]:
                     try:
                         engine.get(spec.label)
                     except ValueError as error:  # Llama.from_pretrained: no file, or several, match the glob
-                        raise ExportError(f"{where}: {_first_line(error)}; give a glob that matches one GGUF file, "
+                        raise ExportError(f"{where}: {first_line(error)}; give a glob that matches one GGUF file, "
                                           f"e.g. {spec.repo_id}:{DEFAULT_GLOB}") from error
             else:
                 engine.get(spec.label)
         except ExportError:
             raise
         except Exception as error:  # llama.cpp could not load the file, the template is missing, ...
-            raise ExportError(f"{where}: could not load it ({_first_line(error)}); re-export it with "
+            raise ExportError(f"{where}: could not load it ({first_line(error)}); re-export it with "
                               "export/to_gguf.py") from error
         load_s[spec.label] = round(time.perf_counter() - started, 2)
     return load_s

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import sys
@@ -36,9 +35,10 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 from huggingface_hub import CommitOperationAdd  # noqa: E402
 
-from export.config import UsageError, UsageParser  # noqa: E402
+from common.cli import UsageError, UsageParser  # noqa: E402
+from common.files import remove_stale_temporaries, swap_in_folder, temporary_path  # noqa: E402
+from common.llama3 import Q4_K_M_GLOB  # noqa: E402
 from export.errors import ExportError  # noqa: E402
-from export.files import remove_stale_temporaries, temporary_path  # noqa: E402
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id  # noqa: E402
 
 # Read at call time, so tests can point them at a folder of their own.
@@ -50,7 +50,7 @@ TEMPLATE = REPO / "space" / "README_space.md"
 APP_FILE = "app.py"
 HARDWARE = "cpu-basic"  # the free CPU tier: 2 vCPUs, 16 GB RAM
 PYTHON_VERSION = "3.11"  # the version the app is tested with here
-GGUF_PATTERN = "*Q4_K_M.gguf"  # Llama.from_pretrained accepts a glob; export/to_gguf.py names files <Name>-Q4_K_M.gguf
+GGUF_PATTERN = Q4_K_M_GLOB  # Llama.from_pretrained accepts a glob; export/to_gguf.py names files <Name>-Q4_K_M.gguf
 LABELS = {"1b": "Llama-3.2-1B FineTome (q4_k_m)", "3b": "Llama-3.2-3B FineTome (q4_k_m)"}
 MODELS_VARIABLE = "SPACE_MODELS"
 VOTES_REPO_VARIABLE = "SPACE_VOTES_REPO"
@@ -378,13 +378,7 @@ def write_dry_run(target: Path, config: DeployConfig, tree: SpaceTree) -> None:
     record = {"written_by": WRITTEN_BY, "space_id": config.space_id, "hardware": HARDWARE, "private": config.private,
               "variables": tree.variables}
     (staging / VARIABLES_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    if target.exists():
-        old = temporary_path(target, "old")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    swap_in_folder(staging, target)
 
 
 def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = None) -> dict:

@@ -32,7 +32,7 @@ import yaml
 from llama_cpp import Llama, LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from common.llama import open_gguf, open_gguf_from_hub
+from common.llama import gguf_chat_formatter, open_gguf, open_gguf_from_hub
 from common.machine import usable_cpus
 
 log = logging.getLogger(__name__)
@@ -460,22 +460,12 @@ class _Model:
 
 
 def _chat_formatter(llm: Llama, label: str) -> Jinja2ChatFormatter:
-    """The GGUF's own chat template as a formatter, built the way Llama.__init__ builds its handler."""
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
+    """The GGUF's own chat template as a formatter (common.llama.gguf_chat_formatter); UserError without one."""
+    formatter = gguf_chat_formatter(llm)
+    if formatter is None:
         raise UserError(f"Model '{label}' has no chat template (tokenizer.chat_template) in its GGUF; "
                         "re-export it with export/to_gguf.py")
-    eos_id, bos_id = llm.token_eos(), llm.token_bos()
-
-    def text_of(token_id: int) -> str:
-        return llm.detokenize([token_id], special=True).decode("utf-8") if token_id != -1 else ""
-
-    return Jinja2ChatFormatter(
-        template=template,
-        eos_token=text_of(eos_id),
-        bos_token=text_of(bos_id),
-        stop_token_ids=[eos_id],  # <|eot_id|> for Llama 3.x GGUFs
-    )
+    return formatter
 
 
 class Engine:

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from train.backends import BACKENDS, compute_dtype, select_backend
-from train.config import ConfigError
+from common.cli import UsageError
 
 
 @pytest.mark.parametrize("requested,cuda,unsloth,expected", [
@@ -23,7 +23,7 @@ def test_select_backend(requested, cuda, unsloth, expected):
 
 
 def test_unsloth_without_cuda_is_a_usage_error():
-    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
         select_backend("unsloth", has_cuda=False, has_unsloth=True)
 
 

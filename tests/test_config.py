@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from conftest import run_cli
-from train.config import ConfigError, TrainConfig, available_presets, config_from_args, load_preset
+from common.cli import UsageError
+from train.config import TrainConfig, available_presets, config_from_args, load_preset
 
 
 def test_defaults_follow_unsloths_llama_3_2_recipe():
@@ -51,7 +52,7 @@ def test_every_field_has_a_flag():
 
 
 def test_all_problems_are_reported_at_once():
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(UsageError) as caught:
         config_from_args(["--preset", "tiny", "--lora-r", "0", "--learning-rate", "3", "--backend", "tpu",
                           "--target-modules", "q_proj,qkv", "--max-steps", "0", "--report-to", "mlflow"])
     problems = caught.value.problems
@@ -73,7 +74,7 @@ def test_all_problems_are_reported_at_once():
     ("lora_dropout", 1.5, "must be in [0, 1)"),
 ])
 def test_bad_values_name_flag_value_and_fix(field, value, fragment):
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(UsageError) as caught:
         TrainConfig(**{**load_preset("tiny"), field: value})
     (problem,) = caught.value.problems
     assert problem.startswith(f"--{field.replace('_', '-')} ") and fragment in problem
@@ -82,7 +83,7 @@ def test_bad_values_name_flag_value_and_fix(field, value, fragment):
 def test_yaml_with_unknown_field_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_rank: 8\n")
-    with pytest.raises(ConfigError, match="unknown field.*lora_rank"):
+    with pytest.raises(UsageError, match="unknown field.*lora_rank"):
         config_from_args(["--config", str(bad)])
 
 

@@ -52,7 +52,7 @@ PORTABLE_ON_SAPPHIRE_RAPIDS = HASWELL_AVX2  # GGML_NATIVE=OFF: the same library 
 def test_choice_from_system_info_and_override(info, override, enabled, reason):
     choice = choose_extra_buffers(info, override)
     assert choice.enabled is enabled and reason in choice.reason
-    assert ("fast path" if enabled else "safe path") in choice.describe() and EXTRA_BUFFERS_ENV in choice.describe()
+    assert ("default path" if enabled else "safe path") in choice.describe() and EXTRA_BUFFERS_ENV in choice.describe()
 
 
 @pytest.mark.parametrize("override", ["maybe", "2", "amx"])

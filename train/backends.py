@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, TrainConfig
+from common.cli import UsageError
+
+from .config import TrainConfig
 
 BACKENDS: dict[str, "Backend"] = {}
 
@@ -67,9 +69,9 @@ def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool) -> str:
         return "unsloth" if (has_cuda and has_unsloth) else "hf"
     if requested == "unsloth":
         if not has_cuda:
-            raise ConfigError(["--backend unsloth: needs a CUDA GPU and none is visible; use --backend hf (or auto) on CPU"])
+            raise UsageError(["--backend unsloth: needs a CUDA GPU and none is visible; use --backend hf (or auto) on CPU"])
         if not has_unsloth:
-            raise ConfigError(["--backend unsloth: unsloth is not installed; pip install -r requirements-train.txt"])
+            raise UsageError(["--backend unsloth: unsloth is not installed; pip install -r requirements-train.txt"])
     return requested
 
 
@@ -107,7 +109,7 @@ def _torch_dtype(name: str):
 
 def _ensure_chat_template(tokenizer) -> None:
     """Llama-3.2-Instruct tokenizers carry the template; a base model's may not: give it the same one."""
-    from .tiny import EOT, PAD, TEMPLATE_PATH
+    from common.llama3 import EOT, PAD, TEMPLATE_PATH
 
     if not tokenizer.chat_template:
         tokenizer.chat_template = TEMPLATE_PATH.read_text()
@@ -167,10 +169,9 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
 @register("unsloth", optimizer=_default_optimizer)
 def load_unsloth(config: TrainConfig, model_path: str) -> Loaded:
     # Unsloth patches transformers/TRL on import, so it is imported here, first, and nowhere else.
+    import torch
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
-
-    import torch
 
     dtype = compute_dtype(config.dtype, has_cuda=True, bf16_supported=torch.cuda.is_bf16_supported())
     model, tokenizer = FastLanguageModel.from_pretrained(

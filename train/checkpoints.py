@@ -11,13 +11,14 @@ incomplete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+from common.files import sha256_file
 
 MANIFEST = "checkpoint_manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -44,14 +45,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     # Drive and other network mounts may keep data in the page cache; make it durable before sealing.
     try:
@@ -67,7 +60,7 @@ def seal(checkpoint: Path, info: dict) -> None:
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST):
         _fsync(path)
-        files[path.relative_to(checkpoint).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(checkpoint).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         raise RuntimeError(f"checkpoint {checkpoint} lacks {', '.join(missing)}; not sealing it")
@@ -93,7 +86,7 @@ def verify(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {expected['size']})"
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             return f"{name} is corrupt (checksum mismatch)"
     return None
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from common.cli import UsageError, UsageParser
+from common.hub import looks_like_repo_id
+from common.llama3 import DATASET
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -28,15 +31,6 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("auto", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration: reported as one line per problem, exit code 2."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 def _field(default, help: str, **kwargs):
@@ -59,7 +53,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _field(True, "trade compute for memory (Unsloth's offloaded variant on unsloth)")
 
     # Data
-    dataset: str = _field("mlabonne/FineTome-100k", "Hub dataset id, or a local .jsonl/.json/.parquet in FineTome's schema")
+    dataset: str = _field(DATASET, "Hub dataset id, or a local .jsonl/.json/.parquet in FineTome's schema")
     dataset_split: str = _field("train", "split to read from a Hub dataset")
     max_samples: int | None = _field(None, "use at most this many training conversations (after filtering)")
     min_score: float | None = _field(None, "drop conversations whose FineTome 'score' is below this")
@@ -142,7 +136,7 @@ class TrainConfig:
             bad("target_modules", ",".join(map(str, targets)), f"choose from: {', '.join(LORA_TARGETS)}")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             bad("model_name", self.model_name, "give a Hub id like unsloth/Llama-3.2-1B-Instruct or a local folder")
-        elif not (self.model_name.startswith("builtin:") or HUB_ID.match(self.model_name)
+        elif not (self.model_name.startswith("builtin:") or looks_like_repo_id(self.model_name)
                   or Path(self.model_name).expanduser().is_dir()):
             bad("model_name", self.model_name, "not a Hub id (owner/name), an existing folder, or builtin:tiny-llama-3.2")
         elif self.model_name.startswith("builtin:") and self.model_name != "builtin:tiny-llama-3.2":
@@ -167,7 +161,7 @@ class TrainConfig:
         path = resolve_local_path(value)
         looks_local = path.suffix.lower() in DATA_SUFFIXES or path.exists() or value.startswith((".", "/", "~"))
         if not looks_local:
-            if HUB_ID.match(value):
+            if looks_like_repo_id(value):
                 return []
             return [f"--dataset {value!r}: not a Hub id (owner/name) or a local .jsonl/.json/.parquet file"]
         if path.suffix.lower() not in DATA_SUFFIXES:
@@ -179,7 +173,7 @@ class TrainConfig:
     def validate(self) -> None:
         problems = self.problems()
         if problems:
-            raise ConfigError(problems)
+            raise UsageError(problems)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -212,22 +206,22 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError([f"{what} {str(path)!r}: file not found"]) from None
+        raise UsageError([f"{what} {str(path)!r}: file not found"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{what} {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+        raise UsageError([f"{what} {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})"]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"{what} {str(path)!r}: must be a mapping of field: value"])
+        raise UsageError([f"{what} {str(path)!r}: must be a mapping of field: value"])
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError([f"{what} {str(path)!r}: unknown field(s) {', '.join(unknown)}; "
+        raise UsageError([f"{what} {str(path)!r}: unknown field(s) {', '.join(unknown)}; "
                            f"known fields: {', '.join(sorted(known))}"])
     return data
 
 
 def load_preset(name: str) -> dict[str, Any]:
     if name not in available_presets():
-        raise ConfigError([f"--preset {name!r}: choose one of: {', '.join(available_presets())}"])
+        raise UsageError([f"--preset {name!r}: choose one of: {', '.join(available_presets())}"])
     return read_yaml(PRESET_DIR / f"{name}.yaml", "preset")
 
 
@@ -251,15 +245,8 @@ def _parse_optional(kind):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises ConfigError so all mistakes come out the same way."""
-
-    def error(self, message):
-        raise ConfigError([message])
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="python train/run.py",
         description="LoRA fine-tune Llama-3.2 1B/3B Instruct on FineTome-100k (Unsloth on CUDA, "
         "transformers+PEFT+TRL anywhere). Interrupted runs resume from the newest complete checkpoint. "

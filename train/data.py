@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from common.llama3 import TEMPLATE_DATE  # passed explicitly: the same token ids whatever the day (exact resume)
+
 IGNORE_INDEX = -100  # what PyTorch's cross-entropy (and so every HF model) skips
 
 # Roles as FineTome/ShareGPT spell them, and the chat-template role each becomes.
@@ -26,11 +28,6 @@ ROLE_ALIASES = {
     "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "system": "system",
 }
-
-# The chat template's own fallback date. Passing it explicitly keeps the rendered training text
-# (and so every token id) the same whatever day the run happens on, which exact resume relies on.
-TEMPLATE_DATE = "26 Jul 2024"
-
 
 class BadRow(ValueError):
     """A row that cannot be trained on; the message says why."""

@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-TINY_MODEL_NAME = "builtin:tiny-llama-3.2"
-TEMPLATE_PATH = Path(__file__).parent / "templates" / "llama-3.2-instruct.jinja"
+from common.llama3 import (
+    BOS,
+    BOS_ID,
+    END_OF_MESSAGE_ID,
+    END_OF_TEXT_ID,
+    EOT,
+    EOT_ID,
+    PAD,
+    PAD_ID,
+    TEMPLATE_PATH,
+    cache_root,
+)
 
-BOS, EOT, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
+TINY_MODEL_NAME = "builtin:tiny-llama-3.2"
 
 # Llama-3.2-1B-Instruct's config.json, shrunk. hidden_size and intermediate_size are multiples of 256 so
 # that llama.cpp's k-quants (256-value super-blocks) really apply to every matrix at export.
@@ -49,16 +58,12 @@ TINY_CONFIG = dict(
         original_max_position_embeddings=8192,
     ),
     tie_word_embeddings=True,
-    bos_token_id=128000,
-    eos_token_id=[128001, 128008, 128009],
-    pad_token_id=128004,
+    bos_token_id=BOS_ID,
+    eos_token_id=[END_OF_TEXT_ID, END_OF_MESSAGE_ID, EOT_ID],
+    pad_token_id=PAD_ID,
     initializer_range=0.02,
 )
 _RECIPE_VERSION = 2  # bump when the build below changes in a way the config does not show
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETOME_CACHE", Path.home() / ".cache" / "finetome-pipeline"))
 
 
 def tiny_model_dir(seed: int = 3407) -> Path:
@@ -82,11 +87,10 @@ def build_tokenizer():
     the Llama-3 pre-tokenizer: without it the GGUF is labelled `smaug-bpe`); eos `<|eot_id|>`,
     pad `<|finetune_right_pad_id|>`; the Llama-3.1/3.2 chat template.
     """
+    from llama_models.llama3 import tokenizer as meta_module
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from llama_models.llama3 import tokenizer as meta_module
 
     meta = meta_tokenizer()
     special_tokens = sorted(meta.special_tokens, key=meta.special_tokens.get)

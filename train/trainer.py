@@ -16,18 +16,21 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from common.cli import UsageError
+from common.files import temporary_path, write_json_atomic
+from common.log import stage_logger
+
 from . import checkpoints
 from .backends import BACKENDS, cuda_available, resolve_model_path, select_backend, unsloth_installed
 from .checkpoints import ResumeError
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import Prepared, prepare, read_rows, tokenize_all
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "unsloth",
              "unsloth_zoo", "bitsandbytes")
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
+log = stage_logger("train").info
 
 
 def compat_info(config: TrainConfig) -> dict:
@@ -229,15 +232,9 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary)
+    temporary = temporary_path(path)
+    figure.savefig(temporary, format="png")
     plt.close(figure)
-    os.replace(temporary, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str))
     os.replace(temporary, path)
 
 
@@ -268,7 +265,7 @@ def run(config: TrainConfig) -> dict:
         log(f"data: {truncated} conversations longer than --max-seq-length {config.max_seq_length} truncated, "
             f"{dropped} of them dropped (no assistant token left)")
     if not train_examples:
-        raise ConfigError([f"--max-seq-length {config.max_seq_length}: every conversation lost all its "
+        raise UsageError([f"--max-seq-length {config.max_seq_length}: every conversation lost all its "
                            "assistant tokens to truncation; raise it"])
 
     import datasets
@@ -331,7 +328,7 @@ def run(config: TrainConfig) -> dict:
         "train_metrics": result.metrics,
         **_peak_memory(),
     }
-    write_json(output_dir / "run.json", summary)
+    write_json_atomic(output_dir / "run.json", summary)
     plot_losses(history, output_dir / "loss.png")
     log(f"done: {state.global_step} steps, train loss {summary['train_loss']}, eval loss {summary['eval_loss']}, "
         f"{summary['tokens_per_second']} tokens/s")

@@ -3,6 +3,8 @@ complete, so a crash or SIGKILL never leaves a truncated file (or folder) under 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,9 +20,36 @@ def temporary_path(final: Path, kind: str = "tmp") -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """`text` under `path`, complete or not at all."""
     temporary = temporary_path(path)
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """`data` as indented JSON under `path`, complete or not at all (values JSON cannot hold become strings)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def swap_in_folder(staging: Path, target: Path) -> None:
+    """Rename the finished folder `staging` to `target`; an existing target is moved aside first and deleted after,
+    and put back if the rename fails."""
+    previous = temporary_path(target, "old")
+    if target.exists():
+        os.replace(target, previous)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if previous.exists():
+            os.replace(previous, target)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex, read in blocks (models are GBs)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def process_exists(pid: int) -> bool:
