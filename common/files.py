@@ -82,3 +82,30 @@ def remove_stale_temporaries(folder: Path, prefix: str = ".") -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def output_folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be an output folder (it exists and is not a folder; a path above it is a file; the
+    nearest existing folder above it cannot be written), or None when it can.
+
+    >>> output_folder_problem(Path("/")) is None
+    True
+    >>> output_folder_problem(Path("/dev/null"))
+    'exists and is not a folder'
+    >>> output_folder_problem(Path("/dev/null/out"))
+    '/dev/null is a file, not a folder'
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            return "exists and is not a folder"
+        existing = folder
+    else:
+        existing = next((parent for parent in folder.parents if parent.exists()), None)
+        if existing is None:
+            return None
+        if not existing.is_dir():
+            return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written by this user"
+    return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import UsageError, UsageParser
+from common.files import output_folder_problem
 from common.hub import looks_like_repo_id
 
 from .gguf import QUANT_TYPES
@@ -58,6 +59,9 @@ class ExportConfig:
             problems.append(f"--merge-dtype {self.merge_dtype!r}: choose one of: {', '.join(MERGE_DTYPES)}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads {self.threads}: must be >= 1")
+        if problem := output_folder_problem(self.out_dir):
+            flag = f"--out {self.out!r}" if self.out else f"the default output folder {str(self.out_dir)!r}"
+            problems.append(f"{flag}: {problem}; choose a folder this user can write (--out)")
         if self.name is not None and not re.match(r"^[A-Za-z0-9][\w.-]*$", self.name):
             problems.append(f"--name {self.name!r}: use letters, digits, '-', '_' and '.' (it names the files)")
         if problems:

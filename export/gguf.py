@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -158,6 +159,20 @@ def _tensor_count(model_dir: Path) -> int:
     return count
 
 
+def _dies_with(parent: int):
+    """For the converter's process, before it starts: have the kernel SIGKILL it when the export dies, so a killed
+    export (a dead runtime, SIGKILL) never leaves a converter writing a stale temporary file after the rerun's
+    cleanup. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing changes."""
+
+    def set_up() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent:  # the export died before the request took effect
+                os._exit(1)
+
+    return set_up
+
+
 def convert_to_gguf(merged_dir: Path, out_file: Path, converter: Path, model_name: str, outtype: str = "f16",
                     log=print, progress: bool = True) -> Path:
     """Run llama.cpp's converter on a Hugging Face model folder; atomic."""
@@ -169,7 +184,8 @@ def convert_to_gguf(merged_dir: Path, out_file: Path, converter: Path, model_nam
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=_dies_with(os.getpid()))
     tail: list[str] = []
     # The converter logs one "name, torch.<dtype> --> <type>, shape = ..." line per tensor: the bar follows them.
     with tqdm(total=_tensor_count(merged_dir), desc=f"convert {outtype.upper()}", unit="tensor",

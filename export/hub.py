@@ -77,6 +77,27 @@ def merged_repo_id_for(repo_id: str) -> str:
     return repo_id + MERGED_SUFFIX
 
 
+def check_push_access(client, repo_ids: list[str]) -> str:
+    """Before any work: the Hub accepts the token, the token may write, and every repo to push to is in the token
+    user's own namespace or one of their organizations'. Returns the user's name; one-line ExportError otherwise.
+    (A fine-grained token's scopes are not listed by whoami: the push itself has the last word on those.)"""
+    token = getattr(client, "token", None)
+    with hub_errors("checking the token with the Hugging Face Hub", token, retry="export again"):
+        info = client.whoami()
+    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise ExportError("--push: the token is read-only; create one with write access at "
+                          "https://huggingface.co/settings/tokens, set HF_TOKEN (or `hf auth login`), export again")
+    user = info.get("name", "?")
+    namespaces = {user} | {org.get("name") for org in info.get("orgs") or [] if org.get("name")}
+    for repo_id in repo_ids:
+        owner = repo_id.split("/", 1)[0]
+        if owner not in namespaces:
+            raise ExportError(f"{repo_id}: the token belongs to {user!r}, who cannot create repos under {owner!r}; "
+                              f"use a repo id under {', '.join(sorted(namespaces))}")
+    return user
+
+
 def _check_local_inputs(files: list[Path], merged_dir: Path | None) -> None:
     """Everything that can be checked before the first request, all problems at once."""
     problems = [f"{path} is not a file" for path in files if not path.is_file()]

@@ -128,11 +128,16 @@ def _report_is_current(report_path: Path, files: list[Path], adapter_sha: str) -
 def run(config: ExportConfig, client=None) -> dict:
     """The whole export. `client` is an HfApi-like object for --push (tests inject a recorder)."""
     started = time.perf_counter()
-    token = None
-    if config.push:
-        from .hub import resolve_token
+    if config.push:  # the token, its write access and the namespaces: checked with the Hub before any work
+        from huggingface_hub import HfApi
 
-        token = resolve_token()  # checked before any work; never printed
+        from .hub import check_push_access, merged_repo_id_for, resolve_token
+
+        token = resolve_token()  # never printed
+        client = client or HfApi(token=token)
+        repos = [config.repo_id] + ([config.merged_repo_id or merged_repo_id_for(config.repo_id)]
+                                    if config.push_merged else [])
+        log(f"push: the Hub accepts the token of {check_push_access(client, repos)!r} for {', '.join(repos)}")
     try:
         log(f"runtime: {extra_buffers().describe()}")  # the path every GGUF is decoded with below, and why
     except LlamaSetupError as error:
@@ -177,17 +182,27 @@ def run(config: ExportConfig, client=None) -> dict:
         f"{q} KLD {s['kld_mean']:.5f}, top-1 {s['top1_agreement']:.2%}" for q, s in report["quantization"].items()))
 
     if config.push:
-        from huggingface_hub import HfApi
-
         from .hub import push_export
 
-        urls = push_export(client or HfApi(token=token), config.repo_id, outputs, card, config.private,
+        urls = push_export(client, config.repo_id, outputs, card, config.private,
                            merged_dir=out_dir / MERGED if config.push_merged else None,
                            merged_repo_id=config.merged_repo_id)
         report["pushed"] = urls
         write_text_atomic(report_path, json.dumps(report, indent=2))
         log(f"push: {urls}")
     return report
+
+
+def _reusable(path: Path, quant: str, tokenizer) -> bool:
+    """Whether a GGUF already under its final name is a complete one of this quant, so a rerun may keep it. A file
+    that llama.cpp cannot load (not a GGUF, truncated, copied in by hand) is said and made again, never trusted."""
+    if not path.exists():
+        return False
+    problem = verify.load_problem(path)
+    if problem is not None:
+        log(f"export: {path.name} is not a loadable GGUF ({problem}); making it again")
+        return False
+    return all(check.passed for check in verify.check_metadata(path, quant, tokenizer))
 
 
 def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir: Path, name: str,
@@ -214,7 +229,7 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
     # 2. F16 GGUF (the conversion target every quant starts from)
     f16 = out_dir / gguf.gguf_file_name(name, "f16")
     # Outputs made from an earlier merge are reused only while that merge is still the current one.
-    if f16.exists() and merged_ok and all(c.passed for c in verify.check_metadata(f16, "f16", tokenizer)):
+    if merged_ok and _reusable(f16, "f16", tokenizer):
         log(f"convert: {f16.name} is complete, skipping")
     else:
         converter = gguf.ensure_converter(Path(config.llama_cpp_dir) if config.llama_cpp_dir else None, log=log)
@@ -225,7 +240,7 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
     for quant, output in zip(quants, outputs):
         if quant == "f16":
             continue
-        if output.exists() and merged_ok and all(c.passed for c in verify.check_metadata(output, quant, tokenizer)):
+        if merged_ok and _reusable(output, quant, tokenizer):
             log(f"quantize: {output.name} is complete, skipping")
             continue
         if quant == "bf16":

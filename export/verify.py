@@ -80,6 +80,17 @@ def _llama(path: Path, **kwargs):
     return open_gguf(path, **kwargs)
 
 
+def load_problem(path: Path) -> str | None:
+    """Why llama.cpp cannot load this file as a model (None when it can). Loading maps the file and checks every
+    tensor against its size, so a truncated GGUF is caught; nothing is read into memory or computed."""
+    try:
+        llm = _llama(path, n_ctx=32, n_batch=32)
+    except ValueError as error:  # llama-cpp-python: "Failed to load model from file: …"
+        return str(error).strip() or type(error).__name__
+    llm.close()
+    return None
+
+
 # ---------------------------------------------------------------------- metadata, tokenizer, template
 def check_metadata(path: Path, quant: str, hf_tokenizer) -> list[Check]:
     llm = _llama(path, vocab_only=True)

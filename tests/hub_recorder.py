@@ -20,13 +20,16 @@ class Call:
 class RecordingClient:
     """Records each call and answers like the Hub, or raises `fail[method]`.
 
-    `existing`: the files list_repo_files reports (a repo that already has content).
+    `existing`: the files list_repo_files reports (a repo that already has content); `user`, `orgs` and `role`:
+    what whoami reports of the token (its user, the user's organizations, and the token's role).
     """
 
-    def __init__(self, token: str | None = None, existing: list[str] | None = None, fail: dict | None = None):
+    def __init__(self, token: str | None = None, existing: list[str] | None = None, fail: dict | None = None,
+                 user: str = "someone", orgs: tuple[str, ...] = (), role: str = "write"):
         self.token = token  # HfApi(token=...) keeps it here too
         self.existing = existing if existing is not None else [".gitattributes", "README.md"]
         self.fail = fail or {}
+        self.user, self.orgs, self.role = user, orgs, role
         self.calls: list[Call] = []
 
     def _record(self, method: str, args: tuple, kwargs: dict) -> Call:
@@ -63,6 +66,12 @@ class RecordingClient:
     def add_space_variable(self, *args, **kwargs) -> dict:
         self._record("add_space_variable", args, kwargs)
         return {}
+
+    def whoami(self, *args, **kwargs) -> dict:
+        """The shape of the Hub's /api/whoami-v2 answer, as far as anything here reads it."""
+        self._record("whoami", args, kwargs)
+        return {"type": "user", "name": self.user, "orgs": [{"name": org} for org in self.orgs],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": self.role}}}
 
     def list_repo_files(self, *args, **kwargs) -> list[str]:
         self._record("list_repo_files", args, kwargs)

@@ -72,6 +72,10 @@ def test_all_problems_are_reported_at_once():
     ("max_seq_length", 16, "must be >= 64"),
     ("eval_samples", -1, "must be a number >= 0"),
     ("lora_dropout", 1.5, "must be in [0, 1)"),
+    ("batch_size", 2.5, "must be a whole number"),  # from a YAML config; transformers fails on it mid-setup
+    ("save_steps", 10.0, "must be a whole number"),
+    ("output_dir", "/dev/null", "exists and is not a folder; choose a folder this user can write"),
+    ("output_dir", "/dev/null/run", "/dev/null is a file, not a folder"),
 ])
 def test_bad_values_name_flag_value_and_fix(field, value, fragment):
     with pytest.raises(UsageError) as caught:
@@ -85,6 +89,24 @@ def test_yaml_with_unknown_field_is_refused(tmp_path):
     bad.write_text("lora_rank: 8\n")
     with pytest.raises(UsageError, match="unknown field.*lora_rank"):
         config_from_args(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("contents, fragment", [
+    ("batch_size: 2.5\n", "error: --batch-size 2.5: must be a whole number"),
+    (None, "is a folder; give a YAML file of field: value"),  # --config names a directory
+    (b"\xff\xfe not text", "cannot be read ("),
+])
+def test_config_file_mistakes_are_one_line(tmp_path, contents, fragment):
+    config = tmp_path / "config.yaml"
+    if contents is None:
+        config.mkdir()
+    else:
+        config.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    result = run_cli("train/run.py", "--preset", "tiny", "--config", str(config), "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_bad_flags_exit_2_with_one_line_each_and_no_traceback(tiny_model_dir):

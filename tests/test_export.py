@@ -100,6 +100,58 @@ def test_missing_quant_is_redone_and_merge_is_skipped(exported, trained_adapter,
     assert (out / f"{NAME}-Q8_0.gguf").is_file()
 
 
+def test_final_names_that_do_not_load_are_made_again(exported, trained_adapter, tmp_path):
+    """A file under a final .gguf name that llama.cpp cannot load (not a GGUF; a truncated one) is never trusted."""
+    out = tmp_path / "copy"
+    shutil.copytree(exported[0], out)
+    (out / f"{NAME}-Q8_0.gguf").write_bytes(b"not a GGUF at all")
+    q4 = out / f"{NAME}-Q4_K_M.gguf"
+    q4.write_bytes(q4.read_bytes()[: q4.stat().st_size // 2])
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
+                     "--quant", "q4_k_m", "q8_0")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name in (f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"):
+        assert f"export: {name} is not a loadable GGUF (" in result.stdout and "making it again" in result.stdout
+        assert f"quantize: {name} is complete, skipping" not in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and q4.stat().st_size == (exported[0] / q4.name).stat().st_size
+
+
+def _processes_writing_into(folder: Path) -> list[int]:
+    """Processes whose command line names `folder` (the converter is given its output path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(folder) in command and "convert_hf_to_gguf" in command:
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, tmp_path):
+    out = tmp_path / "killed-convert"
+    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(trained_adapter), "--out",
+               str(out), "--quant", "q4_k_m"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _processes_writing_into(out):
+        assert process.poll() is None, "export ended before conversion started"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while _processes_writing_into(out) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_writing_into(out) == []  # no orphan converter left writing
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out), "--quant", "q4_k_m")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / f"{NAME}-Q4_K_M.gguf").is_file() and not list(out.glob(".*.tmp-*"))
+
+
 def test_sigkill_during_quantization_leaves_no_partial_file(trained_adapter, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(trained_adapter), "--out",
@@ -148,11 +200,15 @@ def test_push_uploads_the_files_and_card_in_one_commit(exported, trained_adapter
     (["--quant", "q4km"], "--quant q4km: unknown quant type; choose from: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m", 2),
     (["--push"], "--push: needs --repo-id USER/NAME", 2),
     (["--push", "--repo-id", "not a repo"], "--repo-id 'not a repo': must look like USER/NAME", 2),
+    (["--out", "/dev/null"], "--out '/dev/null': exists and is not a folder; choose a folder this user can write", 2),
+    (["--out", "/dev/null/o"], "--out '/dev/null/o': /dev/null is a file, not a folder", 2),
 ])
 def test_usage_errors_are_one_line(trained_adapter, args, fragment, code, tmp_path):
     if args[0] != "--adapter":
         args = ["--adapter", str(trained_adapter), *args]
-    result = run_cli("export/to_gguf.py", *args, "--out", str(tmp_path / "o"))
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "o")]
+    result = run_cli("export/to_gguf.py", *args)
     assert result.returncode == code
     assert fragment in result.stderr and result.stderr.strip().count("\n") == 0
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
@@ -199,6 +255,31 @@ def test_not_enough_disk_is_refused_before_work(trained_adapter, tmp_path, monke
     assert main(["--adapter", str(trained_adapter), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "not enough disk" in err and "GiB needed" in err and not (tmp_path / "o" / "merged-16bit").exists()
+
+
+@pytest.mark.parametrize("client, fragment", [
+    (dict(role="read"), "--push: the token is read-only; create one with write access"),
+    (dict(user="bob", orgs=("bobs-lab",)), "someone/Tiny-FineTome-GGUF: the token belongs to 'bob', who cannot create "
+                                           "repos under 'someone'; use a repo id under bob, bobs-lab"),
+    (dict(fail={"whoami": "401"}), "checking the token with the Hugging Face Hub failed (HTTP 401): the Hub did not "
+                                   "accept the token"),
+])
+def test_push_is_checked_with_the_hub_before_any_work(trained_adapter, tmp_path, monkeypatch, capsys, client,
+                                                      fragment):
+    from export.cli import main
+    from hub_recorder import hub_error
+
+    if "fail" in client:
+        client = {"fail": {"whoami": hub_error(401, "Invalid credentials in Authorization header")}}
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET_TOKEN_123")
+    recorder = RecordingClient(token="hf_SECRET_TOKEN_123", **client)
+    out = tmp_path / "never"
+    assert main(["--adapter", str(trained_adapter), "--out", str(out), "--push", "--repo-id",
+                 "someone/Tiny-FineTome-GGUF"], client=recorder) == 1
+    assert [call.method for call in recorder.calls] == ["whoami"]  # nothing created, nothing uploaded
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and fragment in error and "hf_SECRET" not in error
+    assert not out.exists()  # no merge, no conversion: found before any work
 
 
 def test_push_without_token_fails_before_any_work(trained_adapter, tmp_path):

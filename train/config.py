@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from common.cli import UsageError, UsageParser
+from common.cli import UsageError, UsageParser, first_line
+from common.files import output_folder_problem
 from common.hub import looks_like_repo_id
 from common.llama3 import DATASET
 
@@ -108,9 +109,13 @@ class TrainConfig:
                 bad(name, value, f"must be a number >= {low}")
 
         for f in fields(self):
+            value = getattr(self, f.name)
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                bad(f.name, getattr(self, f.name), f"choose one of: {', '.join(choices)}")
+            if choices and value not in choices:
+                bad(f.name, value, f"choose one of: {', '.join(choices)}")
+            # A YAML config can hold 2.5 where a count belongs; transformers would fail on it mid-setup.
+            if f.type in ("int", "int | None") and isinstance(value, float):
+                bad(f.name, value, "must be a whole number")
         for name in ("max_seq_length", "lora_r", "lora_alpha", "batch_size", "grad_accum", "save_steps",
                      "logging_steps"):
             at_least(name, 1)
@@ -146,8 +151,8 @@ class TrainConfig:
             bad("resume", self.resume, "use auto, never, or an existing checkpoint folder")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", self.output_dir, "give a folder path")
-        elif Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            bad("output_dir", self.output_dir, "exists and is not a folder")
+        elif problem := output_folder_problem(Path(self.output_dir)):
+            bad("output_dir", self.output_dir, f"{problem}; choose a folder this user can write")
         if self.report_to in ("tensorboard", "wandb"):
             module = "tensorboard" if self.report_to == "tensorboard" else "wandb"
             if importlib.util.find_spec(module) is None:
@@ -207,6 +212,10 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise UsageError([f"{what} {str(path)!r}: file not found"]) from None
+    except IsADirectoryError:
+        raise UsageError([f"{what} {str(path)!r}: is a folder; give a YAML file of field: value"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError([f"{what} {str(path)!r}: cannot be read ({first_line(e)})"]) from None
     except yaml.YAMLError as e:
         raise UsageError([f"{what} {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})"]) from None
     if not isinstance(data, dict):
