@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CATALOG = Path(__file__).with_name("models.yaml")
 CATALOG_ENV = "SPACE_MODELS"
 COMPARE_MODES = ("sequential", "interleaved")
+DEFAULT_N_CTX = 4096  # the context each model gets (space/app.py --n-ctx); an answer may use at most half
+MAX_MESSAGE_CHARS = 8000  # the longest message a user may send; longer ones are refused with a message
 
 
 class UserError(ValueError):
@@ -471,8 +473,8 @@ def _chat_formatter(llm: Llama, label: str) -> Jinja2ChatFormatter:
 class Engine:
     """Loads catalog models on first use, keeps them loaded, and streams chats and comparisons."""
 
-    def __init__(self, catalog: list[ModelSpec], n_ctx: int = 4096, n_threads: int | None = None,
-                 max_message_chars: int = 8000, cache_bytes: int = 512 * 2**20,
+    def __init__(self, catalog: list[ModelSpec], n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
+                 max_message_chars: int = MAX_MESSAGE_CHARS, cache_bytes: int = 512 * 2**20,
                  loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4, seed: int | None = None):
         """
         n_threads: llama.cpp threads for generation and prompt processing; default: the CPUs this process may

@@ -1,23 +1,22 @@
-"""scripts/compare.py: the assistant-token mask against training's own labels, the real CLI on the tiny model's
-q4_k_m and q8_0 GGUFs, the Hub boundary (offline, 404, glob), and every user mistake (exit 2, one line each,
-nothing written)."""
+"""scripts/compare.py and its package compare/: the assistant-token mask against training's own labels, the real
+CLI on the tiny model's q4_k_m and q8_0 GGUFs, the Hub boundary (offline, 404, glob), and every user mistake (exit 2,
+one line each, nothing written). The package's doctests run with pytest's (pytest.ini's testpaths)."""
 
-import doctest
-import importlib.util
 import json
 import math
-import sys
 
 import httpx
 import pytest
 from llama_cpp import Llama
 
+import compare.cli
+from compare.heldout import GgufChatTemplate, conversation_tokens, load_heldout
+from compare.prompts import DEFAULT_PROMPTS, Prompt, generate_answers, load_prompts
 from conftest import REPO, TINY_GGUF_NAME, run_cli
 from hub_recorder import hub_error
 from space.engine import Engine, Sampling, catalog_from_paths
 from train.data import IGNORE_INDEX, prepare, read_rows, tokenize_conversation
 
-SCRIPT = REPO / "scripts" / "compare.py"
 EOT_ID = 128009
 PROMPTS = [  # one plain prompt, and one with a system prompt and an earlier exchange
     {"id": "plain", "category": "explain", "prompt": "Explain what a hash map is."},
@@ -27,25 +26,8 @@ PROMPTS = [  # one plain prompt, and one with a system prompt and an earlier exc
 ]
 
 
-@pytest.fixture(scope="module")
-def compare():
-    """The entry script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("compare_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def test_doctests_of_the_script(compare):
-    # scripts/ is outside pytest's doctest paths (pytest.ini), so its examples run here.
-    result = doctest.testmod(compare, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 15 and result.failed == 0
-
-
-def test_shipped_prompts_load_and_cover_the_formats(compare):
-    prompts = compare.load_prompts(compare.DEFAULT_PROMPTS)
+def test_shipped_prompts_load_and_cover_the_formats():
+    prompts = load_prompts(DEFAULT_PROMPTS)
     assert len(prompts) >= 8 and len({prompt.id for prompt in prompts}) == len(prompts)
     assert any(prompt.system for prompt in prompts) and any(prompt.history for prompt in prompts)
 
@@ -60,17 +42,17 @@ EXTRA_CONVERSATIONS = [
 ]
 
 
-def test_assistant_mask_matches_training_labels(compare, tiny_gguf, tokenizer):
+def test_assistant_mask_matches_training_labels(tiny_gguf, tokenizer):
     """The GGUF's tokens and mask equal train/data.py's input_ids and labels (the HF tokenizer's offsets) for every
     default held-out conversation, plus system prompts, several turns, non-ASCII text and whitespace edges."""
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, cache_bytes=0)
     label = engine.labels[0]
-    llm, template = engine.get(label), compare.GgufChatTemplate(engine.chat_formatter(label))
-    heldout = compare.load_heldout(None).conversations
+    llm, template = engine.get(label), GgufChatTemplate(engine.chat_formatter(label))
+    heldout = load_heldout(None).conversations
     assert len(heldout) == 10
     scored = 0
     for messages in heldout + EXTRA_CONVERSATIONS:
-        tokens, mask = compare.conversation_tokens(llm, template, messages)
+        tokens, mask = conversation_tokens(llm, template, messages)
         reference = tokenize_conversation(messages, tokenizer)
         assert tokens == reference["input_ids"]
         assert [token if keep else IGNORE_INDEX for token, keep in zip(tokens, mask)] == reference["labels"]
@@ -81,16 +63,16 @@ def test_assistant_mask_matches_training_labels(compare, tiny_gguf, tokenizer):
     assert scored > 500
 
 
-def test_default_heldout_is_the_tiny_runs_eval_split(compare):
+def test_default_heldout_is_the_tiny_runs_eval_split():
     sample = REPO / "train" / "data" / "finetome_sample.jsonl"
     expected = prepare(read_rows(sample), seed=3407, eval_samples=10)
-    assert compare.load_heldout(None).conversations == expected.eval
+    assert load_heldout(None).conversations == expected.eval
     assert not any(conversation in expected.train for conversation in expected.eval)
 
 
-def test_heldout_from_a_run_folder_and_from_a_file(compare, trained_adapter, tmp_path):
+def test_heldout_from_a_run_folder_and_from_a_file(trained_adapter, tmp_path):
     run = json.loads((trained_adapter.parent / "run.json").read_text())["config"]
-    from_run = compare.load_heldout(str(trained_adapter.parent))
+    from_run = load_heldout(str(trained_adapter.parent))
     expected = prepare(read_rows(run["dataset"]), seed=run["seed"], eval_samples=run["eval_samples"]).eval
     assert from_run.conversations == expected and len(expected) == run["eval_samples"]
 
@@ -100,7 +82,7 @@ def test_heldout_from_a_run_folder_and_from_a_file(compare, trained_adapter, tmp
         "{broken",
         json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}),
     ]))
-    held = compare.load_heldout(str(rows))
+    held = load_heldout(str(rows))
     assert held.conversations == [
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
         [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
@@ -154,13 +136,13 @@ def test_compare_q4_k_m_with_q8_0(exported, tmp_path):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_same_seed_gives_the_same_answers(compare, tiny_gguf):
-    prompts = [compare.Prompt(id="p", prompt="Tell me a story.")]
+def test_the_same_seed_gives_the_same_answers(tiny_gguf):
+    prompts = [Prompt(id="p", prompt="Tell me a story.")]
     texts = []
     for _ in range(2):
         engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, seed=11)
-        answers = compare.generate_answers(engine, engine.labels[0], prompts, Sampling(max_new_tokens=16),
-                                           progress=lambda line: None)
+        answers = generate_answers(engine, engine.labels[0], prompts, Sampling(max_new_tokens=16),
+                                   progress=lambda line: None)
         texts.append(answers["per_prompt"][0]["text"])
     assert texts[0] and texts[0] == texts[1]
 
@@ -185,7 +167,7 @@ def test_hub_repo_offline_fails_in_one_line(tmp_path, monkeypatch):
     (ValueError("No file found in alice/X-GGUF that match *Q4_K_M.gguf\n\nAvailable Files:\n[]"),
      "No file found in alice/X-GGUF that match *Q4_K_M.gguf; give a glob that matches one GGUF file"),
 ])
-def test_hub_download_failures_are_one_line(compare, monkeypatch, tmp_path, capsys, error, fragment):
+def test_hub_download_failures_are_one_line(monkeypatch, tmp_path, capsys, error, fragment):
     calls = []
 
     def from_pretrained(cls, repo_id, filename, **settings):
@@ -194,7 +176,7 @@ def test_hub_download_failures_are_one_line(compare, monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(Llama, "from_pretrained", classmethod(from_pretrained))
     out = tmp_path / "report"
-    code = compare.main(["--model", "3B=alice/X-GGUF:*Q4_K_M.gguf", "--out", str(out), "--seed", "5"])
+    code = compare.cli.main(["--model", "3B=alice/X-GGUF:*Q4_K_M.gguf", "--out", str(out), "--seed", "5"])
     assert code == 1 and calls == [("alice/X-GGUF", "*Q4_K_M.gguf", 4096, 5)]  # what the engine asks the Hub for
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --model 3B=alice/X-GGUF:*Q4_K_M.gguf: ")
@@ -262,14 +244,14 @@ MISTAKES = [  # (arguments, with {name} for a file of `inputs`; what the one lin
 
 
 @pytest.mark.parametrize("arguments, fragment", MISTAKES, ids=[fragment[:40] for _, fragment in MISTAKES])
-def test_each_mistake_is_one_line_and_exit_2(compare, inputs, tmp_path, capsys, arguments, fragment):
+def test_each_mistake_is_one_line_and_exit_2(inputs, tmp_path, capsys, arguments, fragment):
     names = {name: str(path) for name, path in inputs.items()}
     argv = [argument.format(**names) for argument in arguments]
     if "--model" not in argv and fragment != "--model: give at least one model":
         argv = ["--model", f"ok={inputs['gguf']}"] + argv
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "report")]
-    assert compare.main(argv) == 2
+    assert compare.cli.main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1, lines
