@@ -8,7 +8,8 @@ W + scale · (B @ A), computed in float32 and cast once to the output dtype, exa
 the largest tensor: base tensors are read one by one and the output safetensors files are written tensor by
 tensor behind a header computed up front, so neither a whole model nor a whole shard is ever in memory
 (a Llama-3.2-3B-shaped bf16 model, two shards of 3.6 and 2.8 GB, merged at 1.05 GB peak RSS in 29 s on 2 CPU
-cores; the 788 MB embedding matrix is the largest tensor).
+cores; the 788 MB embedding matrix is the largest tensor). The safetensors reading and writing is
+export/safetensors.py; this module is the merge.
 
 The output is built in a hidden sibling folder (`.<name>.tmp-<pid>`); `merge_manifest.json`, listing every
 file with its size, is written last and the folder is renamed into place only then, so a crash never leaves a
@@ -26,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +34,11 @@ from pathlib import Path
 from common.files import remove_stale_temporaries, sha256_file, swap_in_folder, temporary_path
 from common.llama3 import EOT
 from export.errors import ExportError
+from export.safetensors import (INDEX_FILE, Shard, open_safetensors, read_json, read_layout, read_tensor,
+                                safetensors_header, write_index, write_tensor)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 MANIFEST = "merge_manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
@@ -70,8 +70,6 @@ UNSUPPORTED_FIELDS = {
 # init_lora_weights values that leave the base weights untouched. The others (pissa…, corda, olora, loftq,
 # lora_ga, mica) subtract their initial LoRA from the base, so the adapter only fits that modified base.
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-
-_CAST_BLOCK = 1 << 24  # values cast per step when writing: a 128256×3072 embedding never exists twice at once
 
 
 def to_16bit_name(name: str) -> str:
@@ -122,8 +120,8 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
         raise ExportError(f"adapter folder {adapter_dir} does not exist; pass the adapter/ folder that "
                           "train/run.py wrote (<output-dir>/adapter)")
-    config = _read_json(adapter_dir / ADAPTER_CONFIG, "re-save the adapter, or pass the adapter/ folder that "
-                                                      "train/run.py wrote")
+    config = read_json(adapter_dir / ADAPTER_CONFIG, "re-save the adapter, or pass the adapter/ folder that "
+                                                     "train/run.py wrote")
     if not isinstance(config, dict):
         raise ExportError(f"{adapter_dir / ADAPTER_CONFIG} is not a JSON object; re-save the adapter")
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
@@ -171,15 +169,15 @@ def merge_lora_streaming(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype
         raise ExportError(f"output folder {out_dir} is the base or the adapter folder; choose another one")
 
     # Everything that can be wrong is checked before the first byte is written.
-    base_config = _read_json(base_dir / "config.json", "pass a complete Hugging Face model folder with --base")
+    base_config = read_json(base_dir / "config.json", "pass a complete Hugging Face model folder with --base")
     if "quantization_config" in base_config:
         trained_on = str(adapter_config.get("base_model_name_or_path"))
         raise ExportError(f"{base_dir} is a quantized model (its config.json has a quantization_config); merging "
                           f"needs the 16-bit weights: pass the unquantized model as --base, e.g. "
                           f"{to_16bit_name(trained_on)}")
-    shards = _read_layout(base_dir)
+    shards = read_layout(base_dir, BASE_DTYPES)
     base_shapes = {name: shape for shard in shards for name, shape in shard.tensors}
-    with _open_safetensors(adapter_dir / ADAPTER_WEIGHTS) as adapter_file:
+    with open_safetensors(adapter_dir / ADAPTER_WEIGHTS) as adapter_file:
         updates = _plan_updates(adapter_config, adapter_file, base_shapes, adapter_dir, base_dir)
     tokenizer_dir = _tokenizer_source(adapter_dir, base_dir)
     # Chat replies end with <|eot_id|>, not with eos: generation must stop on it too.
@@ -214,68 +212,12 @@ def merge_lora_streaming(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype
 # ---------------------------------------------------------------------------------------------- reading
 
 
-@dataclass
-class _Shard:
-    file_name: str
-    tensors: list[tuple[str, list[int]]]  # (name, shape) in the order written
-
-
 @dataclass(frozen=True)
 class _LoraUpdate:
     a_key: str
     b_key: str
     scale: float
     fan_in_fan_out: bool
-
-
-def _read_json(path: Path, fix: str):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise ExportError(f"{path} is missing; {fix}") from error
-    except (OSError, ValueError) as error:
-        raise ExportError(f"{path} is unreadable ({error}); {fix}") from error
-
-
-def _open_safetensors(path: Path):
-    """A safe_open handle that reads each tensor with pread(2).
-
-    The default "mmap" backend leaves every page it touched resident: streaming a 1.5 GB file tensor by tensor
-    grew RSS to 1.8 GB with mmap and to 0.3 GB with pread (safetensors 0.8).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(path, framework="pt", backend="pread")
-    except (SafetensorError, OSError) as error:
-        raise ExportError(f"cannot read {path}: {error} (truncated or corrupt?); re-download or re-save that "
-                          "file") from error
-
-
-def _read_layout(base_dir: Path) -> list[_Shard]:
-    """The base's safetensors files and, per file, its tensors' names and shapes (headers only)."""
-    if (base_dir / INDEX_FILE).is_file():
-        index = _read_json(base_dir / INDEX_FILE, "re-download the base model")
-        file_names = sorted(set(index.get("weight_map", {}).values()))
-        if not file_names:
-            raise ExportError(f"{base_dir / INDEX_FILE} lists no weight files; re-download the base model")
-    elif (base_dir / SINGLE_FILE).is_file():
-        file_names = [SINGLE_FILE]
-    else:
-        raise ExportError(f"{base_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; pass a Hugging Face model "
-                          "folder with safetensors weights as --base")
-    shards = []
-    for file_name in file_names:
-        with _open_safetensors(base_dir / file_name) as handle:
-            tensors = []
-            for name in handle.keys():
-                tensor_slice = handle.get_slice(name)
-                if tensor_slice.get_dtype() not in BASE_DTYPES:
-                    raise ExportError(f"{base_dir / file_name}: tensor {name} is {tensor_slice.get_dtype()}, not "
-                                      f"one of {', '.join(BASE_DTYPES)}; pass the 16-bit (unquantized) base")
-                tensors.append((name, list(tensor_slice.get_shape())))
-        shards.append(_Shard(file_name, tensors))
-    return shards
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -365,7 +307,7 @@ def _tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path:
 def _added_token_id(tokenizer_dir: Path, token: str) -> int | None:
     if not (tokenizer_dir / "tokenizer.json").is_file():
         return None
-    added = _read_json(tokenizer_dir / "tokenizer.json", "re-save the tokenizer").get("added_tokens", [])
+    added = read_json(tokenizer_dir / "tokenizer.json", "re-save the tokenizer").get("added_tokens", [])
     return next((entry["id"] for entry in added if entry.get("content") == token), None)
 
 
@@ -386,7 +328,7 @@ def _with_end_of_turn(generation_config: dict, end_of_turn_id: int | None) -> di
 
 def _generation_config(base_dir: Path, base_config: dict, end_of_turn_id: int | None) -> dict:
     if (base_dir / "generation_config.json").is_file():
-        generation = _read_json(base_dir / "generation_config.json", "re-download the base model")
+        generation = read_json(base_dir / "generation_config.json", "re-download the base model")
     else:  # what transformers derives from config.json when a model has no generation_config.json
         generation = {key: base_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
                       if base_config.get(key) is not None}
@@ -396,27 +338,7 @@ def _generation_config(base_dir: Path, base_config: dict, end_of_turn_id: int | 
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _safetensors_header(tensors: list[tuple[str, list[int]]], dtype_code: str, value_bytes: int) -> bytes:
-    """The start of a safetensors file holding `tensors` in order, all of one dtype: the header's length as
-    8-byte little-endian, then the JSON header padded with spaces to a multiple of 8 (as the safetensors
-    library pads it, so that tensor data starts 8-byte aligned).
-
-    >>> header = _safetensors_header([("w", [2, 3])], "F16", 2)
-    >>> len(header) % 8, header[8:].decode().rstrip()
-    (0, '{"__metadata__":{"format":"pt"},"w":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}}')
-    """
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in tensors:
-        size = math.prod(shape) * value_bytes
-        header[name] = {"dtype": dtype_code, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded
-
-
-def _write_weights(staging: Path, base_dir: Path, adapter_dir: Path, shards: list[_Shard],
+def _write_weights(staging: Path, base_dir: Path, adapter_dir: Path, shards: list[Shard],
                    updates: dict[str, _LoraUpdate], dtype: str, progress: bool) -> None:
     import torch
     from tqdm.auto import tqdm
@@ -425,35 +347,24 @@ def _write_weights(staging: Path, base_dir: Path, adapter_dir: Path, shards: lis
     torch_dtype = getattr(torch, dtype)
     weight_map = {}
     total = sum(len(shard.tensors) for shard in shards)
-    with _open_safetensors(adapter_dir / ADAPTER_WEIGHTS) as adapter_file, \
+    with open_safetensors(adapter_dir / ADAPTER_WEIGHTS) as adapter_file, \
             tqdm(total=total, desc="merge", unit="tensor", disable=not progress, file=sys.stdout) as bar:
         for shard in shards:
             path = staging / shard.file_name
-            with _open_safetensors(base_dir / shard.file_name) as base_file, path.open("wb") as out:
-                out.write(_safetensors_header(shard.tensors, dtype_code, value_bytes))
+            with open_safetensors(base_dir / shard.file_name) as base_file, path.open("wb") as out:
+                out.write(safetensors_header(shard.tensors, dtype_code, value_bytes))
                 for name, _ in shard.tensors:
-                    tensor = _read_tensor(base_file, name, base_dir / shard.file_name)
+                    tensor = read_tensor(base_file, name, base_dir / shard.file_name)
                     if name in updates:
                         tensor = _merge(tensor, updates[name], adapter_file)
-                    _write_tensor(out, tensor, torch_dtype)
+                    write_tensor(out, tensor, torch_dtype)
                     del tensor  # before the next one is read: at most one base tensor alive
                     bar.update()
                 _durable(out)
             weight_map.update((name, shard.file_name) for name, _ in shard.tensors)
     if (base_dir / INDEX_FILE).is_file():
         total_size = sum(math.prod(shape) * value_bytes for shard in shards for _, shape in shard.tensors)
-        _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total_size},
-                                           "weight_map": dict(sorted(weight_map.items()))})
-
-
-def _read_tensor(handle, name: str, path: Path):
-    from safetensors import SafetensorError
-
-    try:
-        return handle.get_tensor(name)
-    except (SafetensorError, OSError) as error:
-        raise ExportError(f"cannot read tensor {name} from {path}: {error}; re-download or re-save that "
-                          "file") from error
+        write_index(staging, weight_map, total_size)
 
 
 def _merge(weight, update: _LoraUpdate, adapter_file):
@@ -467,15 +378,6 @@ def _merge(weight, update: _LoraUpdate, adapter_file):
     merged = weight.to(torch.float32)
     merged += delta
     return merged
-
-
-def _write_tensor(out, tensor, dtype) -> None:
-    import torch
-
-    # Cast and write in blocks: the cast copy of a big tensor never exists whole next to the original.
-    # Raw bytes in native order: safetensors is little-endian, like every platform torch runs on.
-    for block in tensor.reshape(-1).split(_CAST_BLOCK):
-        out.write(block.to(dtype).view(torch.uint8).numpy())
 
 
 def _durable(handle) -> None:

@@ -1,6 +1,6 @@
-"""scripts/bench.py: the shaped models it measures are what it says, its two merge paths produce the same model, and
-its report states the figures and verdicts that its raw results imply. (The speeds themselves are measured by running
-the script, never asserted here.)"""
+"""The benchmarks (bench/, run as scripts/bench.py): the shaped models it measures are what it says, its two merge
+paths produce the same model, and its report states the figures and verdicts that its raw results imply. (The speeds
+themselves are measured by running the script, never asserted here; the package's doctests run with the suite.)"""
 
 import math
 import subprocess
@@ -8,30 +8,29 @@ import sys
 
 import pytest
 
+from bench import harness, shapes, summary
+from bench.report import render_chart, render_report
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-import bench  # noqa: E402
 
 
 @pytest.mark.parametrize("size", ["1b", "3b"])
 def test_shapes_have_the_published_parameter_counts(size):
-    layout = bench.tensor_layout(bench.shaped_config(size))  # meta device: no memory
-    assert sum(math.prod(shape) for _, shape in layout) == bench.PUBLISHED_PARAMETERS[size]
+    layout = shapes.tensor_layout(shapes.shaped_config(size))  # meta device: no memory
+    assert sum(math.prod(shape) for _, shape in layout) == shapes.PUBLISHED_PARAMETERS[size]
     assert "lm_head.weight" not in dict(layout)  # tied embeddings, as in the Hub checkpoints
-    files = bench.shard(layout, 2)
+    files = shapes.shard(layout, 2)
     assert len(files) == (1 if size == "1b" else 2)  # the Hub repos: one file for 1B, two for 3B
 
 
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory):
-    """The tiny model's shape written the way bench.py writes 1B/3B: tensor by tensor, plus a random LoRA."""
+    """The tiny model's shape written the way the benchmarks write 1B/3B: tensor by tensor, plus a random LoRA."""
     from train.tiny import TINY_CONFIG
 
     folder = tmp_path_factory.mktemp("bench")
     config = {**TINY_CONFIG, "num_hidden_layers": 2}
-    base = bench.write_random_model(config, folder / "base")
-    return config, base, bench.write_random_adapter(config, base, folder / "adapter")
+    base = shapes.write_random_model(config, folder / "base")
+    return config, base, shapes.write_random_adapter(config, base, folder / "adapter")
 
 
 def test_random_model_loads_in_transformers(random_model):
@@ -47,12 +46,12 @@ def test_random_model_loads_in_transformers(random_model):
 
 
 def test_streaming_and_naive_merge_write_the_same_model(random_model, tmp_path):
-    """Both export paths that bench.py compares, each through its measuring worker (a separate process)."""
+    """Both export paths that the benchmarks compare, each through its measuring worker (a separate process)."""
     from safetensors import safe_open
 
     _, base, adapter = random_model
-    ours = bench.measured("merge", base=str(base), adapter=str(adapter), out=str(tmp_path / "ours"))
-    naive = bench.measured("naive_merge", base=str(base), adapter=str(adapter), out=str(tmp_path / "naive"))
+    ours = harness.measured("merge", base=str(base), adapter=str(adapter), out=str(tmp_path / "ours"))
+    naive = harness.measured("naive_merge", base=str(base), adapter=str(adapter), out=str(tmp_path / "naive"))
     for figures in (ours, naive):
         assert figures["wall_s"] > 0 and figures["peak_rss"] >= figures["peak_anon"] > 0
     with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as a, \
@@ -66,7 +65,7 @@ def test_streaming_and_naive_merge_write_the_same_model(random_model, tmp_path):
             assert (ours_tensor - naive_tensor).abs().max().item() <= 2 ** -10 * max(1.0, ours_tensor.abs().max().item())
             # (bf16 → fp16 alone moves only values below fp16's normal range, by less than 1e-7)
             changed += (ours_tensor - original.get_tensor(name).float()).abs().max().item() > 1e-4
-    assert changed == 2 * len(bench.LORA_TARGETS)  # every adapted projection of both layers, nothing else
+    assert changed == 2 * len(shapes.LORA_TARGETS)  # every adapted projection of both layers, nothing else
 
 
 def fake_results() -> dict:
@@ -104,7 +103,7 @@ def fake_results() -> dict:
 
 def test_summary_and_verdicts_follow_from_the_raw_figures(tmp_path):
     results = fake_results()
-    s = bench.summary(results)
+    s = summary.summary(results)
     assert s["bandwidth"] == 40e9
     llama = s["generation"]["llama.cpp q4_k_m 1b"]
     assert llama["tokens_per_s"] == 34 and llama["bound"] == pytest.approx(50) and llama["share"] == pytest.approx(0.68)
@@ -113,7 +112,7 @@ def test_summary_and_verdicts_follow_from_the_raw_figures(tmp_path):
     assert s["space"]["share"] == pytest.approx(33 / 34) and s["space"]["ttft_ratio"] == pytest.approx(1.5)
     export = s["export"]["3b"]
     assert export["ours_wall_s"] == 210 and export["ours_peak_rss"] == 3e9 and export["naive_peak_rss"] == 8e9
-    verdicts = {target: ok for target, _, ok, _ in bench.target_rows(s)}
+    verdicts = {target: ok for target, _, ok, _ in summary.target_rows(s)}
     assert verdicts == {
         "Space ≥ 97% of raw llama-cpp-python tokens/s (1B)": "**met**",          # 97.1%
         "raw ≥ 85% of the memory-bandwidth bound (1B q4_k_m)": "**missed**",      # 68%
@@ -123,10 +122,10 @@ def test_summary_and_verdicts_follow_from_the_raw_figures(tmp_path):
         "3B export ≤ 4 minutes": "**met**",                                       # 3.5 min
     }
     s["machine_line"] = "Test CPU"
-    report = bench.render_report(results, s)
+    report = render_report(results, s)
     for figure in ("34.00", "97.1%", "8.5×", "1.50×", "3.00 GB", "3.5 min", "40.0 GB/s"):
         assert figure in report
-    bench.render_chart(s, tmp_path / "chart.png")
+    render_chart(s, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -135,11 +134,3 @@ def test_bad_arguments_are_reported_at_once(tmp_path):
                              "--repeats", "0"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line.split(":")[1].strip() for line in result.stderr.splitlines()] == ["--sections", "--sizes", "--repeats 0"]
-
-
-def test_doctests_of_the_script():
-    import doctest
-
-    # scripts/ is outside pytest's doctest paths (pytest.ini), so its examples run here.
-    result = doctest.testmod(bench, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 1 and result.failed == 0

@@ -1,0 +1,286 @@
+"""The steps the benchmarks measure, each run by a worker process of its own (bench.harness): the export's merge,
+convert and quantize, the naive merge, memory bandwidth, batch-1 generation, and the Space read by gradio_client.
+
+    python scripts/bench.py --worker '{"step": "bandwidth", "repeats": 5}'   # what bench.harness.measured runs
+
+Each step takes strings and numbers (its arguments travel as JSON) and returns its figures as a dict, or None.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bench import REPO, log
+from common.llama import EXTRA_BUFFERS_ENV, open_gguf
+from common.llama3 import PAD_ID
+from common.machine import usable_cpus
+
+# Six turns of one conversation (each message ≈ 40 tokens); the topic changes per repetition so that no
+# repetition starts from the KV cache of the previous one.
+TOPICS = ("rivers", "volcanoes", "public libraries", "bicycles", "tea", "glaciers", "lighthouses", "bees")
+TURNS = (
+    "I am preparing a short talk for a group of curious teenagers about {t}. Could you give me an outline with "
+    "three main parts and one surprising fact for each part?",
+    "Thanks. The second part feels a bit dry to me. How could I make it more vivid for the audience, maybe with an "
+    "everyday comparison they already know?",
+    "Good idea. Now suggest a question I could ask the group at the start, to get them thinking about {t} before I "
+    "say anything, and explain why it works.",
+    "Some of them will have read about {t} online and may bring up a myth. What are two common misconceptions, and "
+    "how can I correct them politely?",
+    "I have only ten minutes in total. Which part of the outline should I shorten, and what can I cut without "
+    "losing the main message of the talk?",
+    "Finally, write a closing paragraph of about four sentences that ties the talk together and leaves them with "
+    "something to remember about {t}.",
+)
+PROMPT_TEXT = (  # for the ~100-token generation prompt; cut to length in prompt_ids()
+    "Explain to a new engineer how a large language model produces text one token at a time on a CPU, why the "
+    "speed of that loop depends mostly on how many bytes of weights must be read from memory for every token, "
+    "how quantization to four bits changes that, what the key and value cache stores between steps, and why a "
+    "longer conversation makes the first token of each answer slower unless the cache is reused. Use short "
+    "paragraphs and one concrete example with numbers."
+)
+
+
+def step_merge(base: str, adapter: str, out: str) -> None:
+    from export.merge import merge_lora_streaming
+
+    merge_lora_streaming(Path(base), Path(adapter), Path(out), progress=False)
+
+
+def step_naive_merge(base: str, adapter: str, out: str) -> None:
+    """What most notebooks do: the whole model in memory, PEFT's merge_and_unload, save_pretrained."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def step_convert(merged: str, out: str, name: str) -> None:
+    from export.gguf import convert_to_gguf, ensure_converter
+
+    convert_to_gguf(Path(merged), Path(out), ensure_converter(log=lambda *_: None), name, "f16",
+                    log=lambda *_: None, progress=False)
+
+
+def step_quantize(source: str, out: str) -> None:
+    from export.gguf import quantize
+
+    quantize(Path(source), Path(out), "q4_k_m", progress=False)
+
+
+def read_bandwidth(threads: int, gigabytes: float = 2.0, repeats: int = 5) -> float:
+    """Bytes per second that `threads` threads read from a buffer far larger than the caches (numpy's max, a
+    vectorised reduction that releases the GIL; the fastest of the reductions tried here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    data = np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.max, parts))  # touch every page first
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(np.max, parts))
+            times.append(time.perf_counter() - started)
+    return data.nbytes / statistics.median(times)
+
+
+def step_bandwidth(repeats: int) -> dict:
+    return {f"threads_{threads}": read_bandwidth(threads, repeats=repeats) for threads in sorted({1, usable_cpus()})}
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """A chat-templated user message of about `length` tokens (generation prompt included)."""
+    words = PROMPT_TEXT.split()
+    ids = []
+    for count in range(8, len(words) + 1):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": " ".join(words[:count])}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False)
+        if len(ids) >= length:
+            break
+    return list(ids)
+
+
+def _rates(times: list[float], started: float) -> dict:
+    return {"ttft_s": times[0] - started, "tokens": len(times),
+            "tokens_per_s": (len(times) - 1) / (times[-1] - times[0])}
+
+
+def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prompt_tokens: int,
+                  new_tokens: int, threads: int | None = None, extra_buffers: str | None = None) -> dict:
+    """One path's batch-1 greedy generation of exactly `new_tokens` tokens after a `prompt_tokens` chat prompt.
+
+    Each path runs in a process of its own: PyTorch's OpenMP threads keep spinning for a while after each
+    operation, and on 2 cores they would steal llama.cpp's time if both lived in one process. Tokens/s counts
+    the tokens after the first over the time after the first (decoding); TTFT (reading the prompt) is separate.
+    A short warm-up run comes first (allocations, kernel selection). extra_buffers: on or off forces llama.cpp's
+    extra buffer types (common/llama.py) for this process."""
+    import torch
+    from transformers import AutoTokenizer
+
+    ids = prompt_ids(AutoTokenizer.from_pretrained(tokenizer), prompt_tokens)
+    loaded = {}
+    if kind == "llama.cpp":
+        if extra_buffers is not None:
+            os.environ[EXTRA_BUFFERS_ENV] = extra_buffers
+        llm = open_gguf(model, n_ctx=1024, n_threads=threads)
+        loaded["extra_buffers"] = bool(llm.model_params.use_extra_bufts)  # what llama.cpp was given, not asked
+
+        def run(count):
+            llm.reset()  # forget the previous run's tokens: generate() would reuse them as a cached prefix
+            times, started = [], time.perf_counter()
+            # generate() yields every sampled token and never stops by itself (end of turn included).
+            for _ in llm.generate(ids, temp=0.0):
+                times.append(time.perf_counter())
+                if len(times) == count:
+                    break
+            return _rates(times, started)
+    else:
+        from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+
+        torch.set_num_threads(threads or usable_cpus())
+        hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+
+        class Clock(BaseStreamer):
+            def __init__(self):
+                self.times, self.prompt_seen = [], False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    self.times.append(time.perf_counter())
+                self.prompt_seen = True  # the first call carries the prompt
+
+            def end(self):
+                pass
+
+        def run(count):
+            clock, started = Clock(), time.perf_counter()
+            with torch.inference_mode():
+                hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=count, min_new_tokens=count, do_sample=False, streamer=clock,
+                                  pad_token_id=PAD_ID)
+            return _rates(clock.times, started)
+
+    run(4)
+    return {"prompt_tokens": len(ids), **loaded, **run(new_tokens)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_space(gguf: str, folder: Path, stream_interval: float) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    server_log = folder / f"space-server-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "space/app.py"), "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+         "--votes", str(folder / "votes.jsonl"), "--stream-interval", str(stream_interval)],
+        cwd=REPO, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return process, url
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                raise SystemExit(f"bench: the Space did not start: {server_log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
+def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens: int, folder: str,
+               intervals: list[float], pause_s: float = 2.0) -> dict:
+    """The Space's server as users start it (one per streaming interval), read by gradio_client, against the
+    same GGUF through raw llama-cpp-python with the engine's settings; one at a time, in turn."""
+    from gradio_client import Client
+
+    servers = {}
+    try:
+        for interval in intervals:
+            servers[interval] = _start_space(gguf, Path(folder), interval)
+        label = Path(gguf).stem
+        # Raw llama-cpp-python exactly as space/engine.py sets it up and calls it.
+        raw = open_gguf(gguf, n_ctx=4096)
+
+        def raw_run(message: str) -> dict:
+            times, started = [], time.perf_counter()
+            for chunk in raw.create_chat_completion([{"role": "user", "content": message}], stream=True,
+                                                    temperature=0.0, top_p=1.0, max_tokens=new_tokens):
+                if chunk["choices"][0]["delta"].get("content"):
+                    times.append(time.perf_counter())
+            return _rates(times, started)
+
+        def space_run(client, message: str, max_tokens: int) -> dict:
+            """Client-side: when the first and last streamed updates arrive; the token count from the Space's
+            own stats line (llama-cpp-python streams a piece per token, bar bytes held back for UTF-8)."""
+            times, started = [], time.perf_counter()
+            job = client.submit(message, label, "", 0.0, 1.0, max_tokens, api_name="/chat")
+            last = ""
+            for answer, _ in job:
+                if answer and answer != last:
+                    times.append(time.perf_counter())
+                    last = answer
+            answer, stats = job.result()
+            tokens = int(re.search(r"(\d+) tokens?", stats).group(1))
+            server_rate = re.search(r"([\d.]+) tok/s", stats)
+            return {"ttft_s": times[0] - started, "tokens": tokens, "updates": len(times),
+                    "tokens_per_s": (tokens - 1) / (times[-1] - times[0]),
+                    "server_tokens_per_s": float(server_rate.group(1)) if server_rate else None,
+                    "server_ttft_s": float(re.search(r"TTFT ([\d.]+) s", stats).group(1))}
+
+        message = TURNS[0].format(t="memory bandwidth")
+        raw_run("Hello")  # warm-up, every path
+        for _, url in servers.values():
+            space_run(Client(url, verbose=False), "Hello", 16)
+        throughput = {"raw": [], **{f"space {interval}": [] for interval in intervals}}
+        for repeat in range(repeats):
+            prompt = f"({TOPICS[repeat % len(TOPICS)]}) {message}"  # a new prompt each time, the same for all
+            throughput["raw"].append(raw_run(prompt))
+            for interval, (_, url) in servers.items():
+                throughput[f"space {interval}"].append(space_run(Client(url, verbose=False), prompt, new_tokens))
+            log(f"space {repeat + 1}/{repeats}: " + ", ".join(f"{path} {runs[-1]['tokens_per_s']:.2f} tok/s"
+                                                              for path, runs in throughput.items()))
+        conversations = []
+        _, url = servers[intervals[0]]
+        for repeat in range(repeats):
+            client, topic = Client(url, verbose=False), TOPICS[(repeat + 3) % len(TOPICS)]
+            conversation = []
+            for turn in range(turns):
+                if turn:
+                    # A user reads the answer and types the next message; without a pause the next turn would
+                    # also wait for the engine to finish saving the previous one's state (space/engine.py).
+                    time.sleep(pause_s)
+                conversation.append(space_run(client, TURNS[turn].format(t=topic), turn_tokens))
+            conversations.append(conversation)
+            log(f"space conversation {repeat + 1}/{repeats}: TTFT by turn "
+                + ", ".join(f"{turn['ttft_s']:.2f}" for turn in conversation) + " s")
+        return {"new_tokens": new_tokens, "turn_tokens": turn_tokens, "intervals": intervals, "pause_s": pause_s,
+                "throughput": throughput, "conversations": conversations}
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
+
+
+# The steps a worker can run (bench.harness.worker), by the name measured() is given.
+WORKER_STEPS = dict(merge=step_merge, naive_merge=step_naive_merge, convert=step_convert, quantize=step_quantize,
+                    bandwidth=step_bandwidth, generate=step_generate, space=step_space)
