@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from bench import log
-from export.safetensors import SINGLE_FILE, safetensors_header, write_index, write_tensor
+from export.safetensors_io import SINGLE_FILE, safetensors_header, write_index, write_tensor
 
 # Llama-3.2-{1B,3B}-Instruct's config.json values that differ from the tiny model's (train/tiny.py), which
 # otherwise copies them: vocabulary, rope scaling, tied embeddings, grouped-query attention.

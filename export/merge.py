@@ -9,7 +9,7 @@ the largest tensor: base tensors are read one by one and the output safetensors 
 tensor behind a header computed up front, so neither a whole model nor a whole shard is ever in memory
 (a Llama-3.2-3B-shaped bf16 model, two shards of 3.6 and 2.8 GB, merged at 1.05 GB peak RSS in 29 s on 2 CPU
 cores; the 788 MB embedding matrix is the largest tensor). The safetensors reading and writing is
-export/safetensors.py; this module is the merge.
+export/safetensors_io.py; this module is the merge.
 
 The output is built in a hidden sibling folder (`.<name>.tmp-<pid>`); `merge_manifest.json`, listing every
 file with its size, is written last and the folder is renamed into place only then, so a crash never leaves a
@@ -34,8 +34,8 @@ from pathlib import Path
 from common.files import remove_stale_temporaries, sha256_file, swap_in_folder, temporary_path
 from common.llama3 import EOT
 from export.errors import ExportError
-from export.safetensors import (INDEX_FILE, Shard, open_safetensors, read_json, read_layout, read_tensor,
-                                safetensors_header, write_index, write_tensor)
+from export.safetensors_io import (INDEX_FILE, Shard, open_safetensors, read_json, read_layout, read_tensor,
+                                   safetensors_header, write_index, write_tensor)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

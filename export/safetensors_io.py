@@ -2,7 +2,7 @@
 tensors' names and shapes (headers only), one tensor read at a time, and files written tensor by tensor behind a
 header computed up front, so that neither a whole model nor a whole file is ever in memory.
 
-    from export.safetensors import read_layout
+    from export.safetensors_io import read_layout
     shards = read_layout(Path("base"), dtypes=("BF16", "F16", "F32"))   # [Shard("model.safetensors", [...])]
 
 A file is an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and byte offsets) and
