@@ -188,7 +188,7 @@ def misses(s: dict) -> list[str]:
             "of prompt tokens a turn must read. Turn 1 reads only the message after the system header it shares "
             "with the previous conversation (≈25-40 tokens). A later turn reads the new message plus whatever of "
             "the previous answer cannot be matched to the tokens in the cache. The engine matches by the text the "
-            "cached tokens spell (space/engine.py's reusable_prefix), not by re-tokenising: a direct check "
+            "cached tokens spell (space/history.py's reusable_prefix), not by re-tokenising: a direct check "
             "(1B-shaped, greedy, 64-token answers) read 49 tokens at turn 2 (0.38 s) where token matching read "
             "107 (0.84 s). What still misses here is random weights sampling half a UTF-8 character: "
             "llama-cpp-python's streamed text drops such bytes, so the answer Gradio sends back no longer spells "

@@ -44,7 +44,9 @@ from common.llama3 import TEMPLATE_DATE
 from common.log import stage_logger
 from common.machine import cpu_name, usable_cpus
 from export.errors import ExportError
-from space.engine import DEFAULT_N_CTX, Engine, ModelSpec, Sampling
+from space.catalog import ModelSpec
+from space.engine import DEFAULT_N_CTX, Engine
+from space.replies import Sampling
 from train.data import DataError
 
 from .heldout import HeldOut, load_heldout, score_heldout

@@ -16,7 +16,8 @@ from common.llama3 import Q4_K_M_GLOB
 from common.log import stage_logger
 from export.errors import ExportError
 from export.hub import hub_errors, validate_repo_id
-from space.engine import Engine, ModelSpec
+from space.catalog import ModelSpec
+from space.engine import Engine
 
 DEFAULT_GLOB = Q4_K_M_GLOB  # the same convention as space/models.yaml and scripts/deploy_space.py
 GGUF_MAGIC = b"GGUF"

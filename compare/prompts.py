@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.log import stage_logger
-from space.engine import MAX_MESSAGE_CHARS, Engine, Sampling
+from space.engine import MAX_MESSAGE_CHARS, Engine
+from space.replies import Sampling
 
 from .report import describe_answer
 

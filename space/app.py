@@ -3,8 +3,9 @@
     python space/app.py                                  # the catalog in models.yaml (or $SPACE_MODELS)
     python space/app.py --model exports/tiny/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf --port 7861
 
-The same file is the Space's app_file. The UI is thin: every decision (templating, trimming, locking,
-validation, sampling bounds) is made by engine.Engine, which the tests drive without a browser.
+The same file is the Space's app_file (space/app.py there too: the Space's tree mirrors the repo's). The UI is
+thin: every decision (templating, trimming, locking, validation, sampling bounds) is made by the space package's
+pure modules (space.engine.Engine and its neighbours), which the tests drive without a browser.
 API: `/chat` (one streamed turn), `/compare` (the same message to two models), `/vote` (after a compare).
 """
 
@@ -18,17 +19,18 @@ from pathlib import Path
 
 import gradio as gr
 
-# Runs as `python space/app.py` in the repo and as `python app.py` in the Space: engine.py sits beside it, and the
-# base package common/ sits beside it in the Space (scripts/deploy_space.py uploads it) or one folder up here.
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE if (HERE / "common").is_dir() else HERE.parent)]
+# `python space/app.py` puts space/ on sys.path, not the folder above it that holds the space and common packages
+# (the repo here, the Space's root there: scripts/deploy_space.py uploads the same layout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
-from engine import (Engine, Sampling, UserError, VoteLog, catalog_from_paths, load_catalog,  # noqa: E402
-                    throttled, unique_vote_file)
+from space.catalog import catalog_from_paths, load_catalog  # noqa: E402
+from space.engine import COMPARE_MODES, DEFAULT_N_CTX, Engine  # noqa: E402
+from space.replies import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,  # noqa: E402
+                           MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Sampling, UserError, throttled)
+from space.votes import VOTES, VoteLog, unique_vote_file  # noqa: E402
 
-VOTES = ("A", "B", "tie", "both bad")
-STREAM_INTERVAL = 0.1  # seconds between streamed updates (see engine.throttled); 0 = one update per token
+STREAM_INTERVAL = 0.1  # seconds between streamed updates (see space.replies.throttled); 0 = one update per token
 EXAMPLES = [
     "Explain what a LoRA adapter is in two sentences.",
     "Write a Python function that checks whether a string is a palindrome.",
@@ -54,9 +56,9 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
     def sampling_controls():
         return (
             gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'"),
-            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature"),
-            gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top_p"),
-            gr.Slider(16, 1024, value=256, step=16, label="Max new tokens"),
+            gr.Slider(*TEMPERATURE_RANGE, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature"),
+            gr.Slider(*TOP_P_RANGE, value=DEFAULT_TOP_P, step=0.05, label="top_p"),
+            gr.Slider(*MAX_NEW_TOKENS_RANGE, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens"),
         )
 
     def chat(message, history, model, system_prompt, temperature, top_p, max_new_tokens):
@@ -157,13 +159,13 @@ def parse_args(argv=None):
                         help="a local GGUF to serve (repeatable; label from the file name) instead of the catalog")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--n-ctx", type=int, default=int(os.environ.get("SPACE_N_CTX", 4096)))
+    parser.add_argument("--n-ctx", type=int, default=int(os.environ.get("SPACE_N_CTX", DEFAULT_N_CTX)))
     parser.add_argument("--votes", default=os.environ.get("SPACE_VOTES_PATH", "votes/votes.jsonl"),
                         help="where blind votes are appended (JSON lines)")
     parser.add_argument("--votes-repo", default=os.environ.get("SPACE_VOTES_REPO"),
                         help="a Hub dataset the vote log is pushed to every 10 minutes (optional)")
     parser.add_argument("--compare-mode", default=os.environ.get("SPACE_COMPARE_MODE", "interleaved"),
-                        choices=("sequential", "interleaved"))
+                        choices=COMPARE_MODES)
     parser.add_argument("--stream-interval", type=float,
                         default=float(os.environ.get("SPACE_STREAM_INTERVAL", STREAM_INTERVAL)),
                         help="seconds between streamed updates (0 = every token; each update costs the CPU that "

@@ -1,222 +1,44 @@
-"""The Space's serving engine: model catalog, history → prompt, streaming with per-model locks, vote log.
+"""The Space's serving engine: loads catalog models on first use and streams chats and comparisons, one
+generation per model at a time. Pure Python with no Gradio import, so tests (and any script) drive it directly:
 
-Pure Python with no Gradio import, so tests (and any script) drive it directly:
-
-    from space.engine import Engine, catalog_from_paths
+    from space.catalog import catalog_from_paths
+    from space.engine import Engine
     engine = Engine(catalog_from_paths(["outputs/demo/gguf/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf"]))
     for reply in engine.stream_chat(engine.labels[0], "Hello!"):
         print(reply.text, reply.stats())
 
 A `llama_cpp.Llama` holds one context (one KV cache) and is not safe for concurrent use, so every model has
 one lock and at most one generation at a time; the Space runs on 2 vCPUs, where two generations at once
-would only split the same cores anyway.
+would only split the same cores anyway. The rest of the Space's logic lives beside it: the catalog
+(space/catalog.py), sampling and replies (space/replies.py), history → messages (space/history.py), votes
+(space/votes.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import numbers
-import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from pathlib import Path
 
-import yaml
 from llama_cpp import Llama, LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from common.llama import gguf_chat_formatter, open_gguf, open_gguf_from_hub
 from common.machine import usable_cpus
+from space.catalog import ModelSpec
+from space.history import flatten_content, history_to_messages, reusable_prefix, trim_history
+from space.replies import Reply, Sampling, UserError, _one_line
+
+__all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CATALOG = Path(__file__).with_name("models.yaml")
-CATALOG_ENV = "SPACE_MODELS"
 COMPARE_MODES = ("sequential", "interleaved")
-DEFAULT_N_CTX = 4096  # the context each model gets (space/app.py --n-ctx); an answer may use at most half
-MAX_MESSAGE_CHARS = 8000  # the longest message a user may send; longer ones are refused with a message
-
-
-class UserError(ValueError):
-    """A one-line message to show the user as is (what is wrong, with which value, and the fix)."""
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """Text collapsed onto one line and cut to `limit` characters (for messages shown in the UI)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# ---------------------------------------------------------------------- catalog
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model the Space may serve: a Hub repo + filename glob, or a local GGUF path."""
-
-    label: str
-    repo_id: str | None = None
-    filename: str | None = None  # glob matching exactly one file in repo_id, e.g. "*Q4_K_M.gguf"
-    path: str | None = None
-
-
-_SPEC_KEYS = ("label", "repo_id", "filename", "path")
-
-
-def _spec_problems(entry, position: int) -> list[str]:
-    """What is wrong with one catalog entry (empty when it is valid)."""
-    if not isinstance(entry, Mapping):
-        return [f"entry {position}: expected a mapping like {{label, repo_id, filename}} or {{label, path}}, "
-                f"got {_one_line(repr(entry), 80)}"]
-    name = f"entry {position} ({entry['label']!r})" if isinstance(entry.get("label"), str) else f"entry {position}"
-    problems = []
-    unknown = sorted(str(key) for key in entry if key not in _SPEC_KEYS)
-    if unknown:
-        problems.append(f"{name}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_SPEC_KEYS)}")
-    for key in _SPEC_KEYS:
-        value = entry.get(key)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            problems.append(f"{name}: {key} must be a non-empty string")
-    if not entry.get("label"):
-        problems.append(f"{name}: needs a label")
-    has_hub = bool(entry.get("repo_id") or entry.get("filename"))
-    if has_hub == bool(entry.get("path")):
-        problems.append(f"{name}: give either repo_id + filename (a Hub GGUF) or path (a local GGUF), not both")
-    elif has_hub and not (entry.get("repo_id") and entry.get("filename")):
-        problems.append(f"{name}: repo_id and filename go together (e.g. filename: \"*Q4_K_M.gguf\")")
-    return problems
-
-
-def _catalog_from_entries(entries, source: str) -> list[ModelSpec]:
-    """Validated ModelSpecs; every problem of every entry reported at once in one UserError."""
-    if not isinstance(entries, list) or not entries:
-        raise UserError(f"{source}: expected a non-empty list of models, got {_one_line(repr(entries), 80)}")
-    problems = [problem for position, entry in enumerate(entries, 1) for problem in _spec_problems(entry, position)]
-    labels = [entry.get("label") for entry in entries if isinstance(entry, Mapping)]
-    duplicates = sorted({label for label in labels if isinstance(label, str) and labels.count(label) > 1})
-    if duplicates:
-        problems.append(f"duplicate label(s) {', '.join(map(repr, duplicates))}; labels must be unique")
-    if problems:
-        raise UserError(f"{source}: " + "; ".join(problems))
-    return [ModelSpec(**entry) for entry in entries]
-
-
-def load_catalog(path: Path = DEFAULT_CATALOG, env: Mapping[str, str] = os.environ) -> list[ModelSpec]:
-    """The models to serve: $SPACE_MODELS (a JSON list, set by scripts/deploy_space.py) or else the YAML file.
-
-    Both hold the same entries: `{"label", "repo_id", "filename"}` or `{"label", "path"}`.
-    """
-    if env.get(CATALOG_ENV, "").strip():
-        try:
-            entries = json.loads(env[CATALOG_ENV])
-        except json.JSONDecodeError as error:
-            raise UserError(f"{CATALOG_ENV}: not valid JSON ({error}); expected a list like "
-                            '[{"label": "1B", "repo_id": "user/repo", "filename": "*Q4_K_M.gguf"}]') from error
-        return _catalog_from_entries(entries, CATALOG_ENV)
-    path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: cannot read the model catalog ({_one_line(error)})") from error
-    if not isinstance(document, Mapping) or "models" not in document:
-        raise UserError(f"{path}: expected a top-level `models:` list")
-    return _catalog_from_entries(document["models"], str(path))
-
-
-def catalog_from_paths(paths: Sequence[str]) -> list[ModelSpec]:
-    """A catalog of local GGUF files (`app.py --model PATH`, repeatable), labelled by file name.
-
-    >>> catalog_from_paths([__file__, __file__])[1].label
-    'engine (2)'
-    """
-    if not paths:
-        raise UserError("--model: give at least one GGUF file")
-    missing = [path for path in paths if not Path(path).expanduser().is_file()]
-    if missing:
-        raise UserError(f"--model: no such file: {', '.join(missing)}; give the path of a .gguf file "
-                        "(export/to_gguf.py writes them)")
-    specs: list[ModelSpec] = []
-    for path in paths:
-        stem, label, copy = Path(path).stem, Path(path).stem, 1
-        while any(spec.label == label for spec in specs):
-            copy += 1
-            label = f"{stem} ({copy})"
-        specs.append(ModelSpec(label=label, path=str(Path(path).expanduser())))
-    return specs
-
-
-# ---------------------------------------------------------------------- sampling and replies
-def _clamp(value, low: float, high: float, default: float) -> float:
-    """`value` forced into [low, high]; anything that is not a real number (None, "abc", NaN) gives `default`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return default
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float range
-        number = math.inf if value > 0 else -math.inf
-    return default if math.isnan(number) else min(max(number, low), high)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Generation settings, as the UI's sliders (or any API caller) send them."""
-
-    temperature: float = 0.7  # 0 = greedy (deterministic)
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-
-    def clamped(self) -> Sampling:
-        """Safe values whatever was sent: out-of-range numbers clamped, non-numbers replaced by the defaults.
-
-        >>> Sampling(temperature=-5, top_p=7, max_new_tokens=10**9).clamped()
-        Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1024)
-        >>> Sampling(temperature=float("nan"), top_p="high", max_new_tokens=None).clamped()
-        Sampling(temperature=0.7, top_p=0.9, max_new_tokens=256)
-        """
-        defaults = Sampling()
-        return Sampling(
-            temperature=_clamp(self.temperature, 0.0, 2.0, defaults.temperature),
-            top_p=_clamp(self.top_p, 0.05, 1.0, defaults.top_p),
-            max_new_tokens=int(_clamp(self.max_new_tokens, 16, 1024, defaults.max_new_tokens)),
-        )
-
-
-@dataclass
-class Reply:
-    """One streamed state of an answer: the text so far and live statistics."""
-
-    text: str
-    done: bool = False
-    ttft_s: float | None = None  # time to first token from the request: loading and waiting for the model included
-    # Streamed pieces: one per token, except that llama-cpp-python holds back bytes that are not yet valid
-    # UTF-8 (a character split over tokens; random weights can stall it until the end) and sends them as one.
-    tokens: int = 0
-    tokens_per_s: float | None = None  # decoding speed after the first token
-    finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
-    error: str | None = None  # a message for the user instead of an answer
-
-    def stats(self) -> str:
-        """One line for the UI, empty until the first token.
-
-        >>> Reply("Hi there", ttft_s=0.123, tokens=57, tokens_per_s=34.49).stats()
-        'TTFT 0.12 s · 34.5 tok/s · 57 tokens'
-        >>> Reply("Hi", ttft_s=0.5, tokens=1).stats()
-        'TTFT 0.50 s · 1 token'
-        >>> Reply("").stats()
-        ''
-        """
-        if self.ttft_s is None:
-            return ""
-        parts = [f"TTFT {self.ttft_s:.2f} s"]
-        if self.tokens_per_s is not None:
-            parts.append(f"{self.tokens_per_s:.1f} tok/s")
-        parts.append(f"{self.tokens} token{'s' if self.tokens != 1 else ''}")
-        return " · ".join(parts)
+DEFAULT_N_CTX = 4096  # tokens of context per model (space/app.py --n-ctx)
+MAX_MESSAGE_CHARS = 8000  # the longest message a user may send
 
 
 def _error_reply(message: str) -> Reply:
@@ -235,195 +57,17 @@ def _reported(what: str):
         raise UserError(f"{what}: {_one_line(error)}") from error
 
 
-def throttled(updates: Iterable, interval: float, clock: Callable[[], float] = time.perf_counter) -> Iterator:
-    """The first update at once, then at most one every `interval` seconds (the newest), and always the last.
-
-    Every update is diffed, serialised and sent by Gradio, and re-rendered (Markdown) by each browser watching.
-    Ten updates a second still read as smooth streaming and send a quarter as many updates as one per token for
-    a 1B model at 30-35 tokens/s (32 instead of 127 for 128 tokens). On the server's side the difference is
-    within the noise of a 2-core machine (scripts/bench.py: both 90% of raw llama-cpp-python's tokens/s, run to
-    run ±10%); the gain is the browsers' and the network's. The first token is never held back.
-
-    >>> ticks = iter([0.0, 0.01, 0.02, 0.15, 0.16, 0.17])
-    >>> list(throttled(range(6), 0.1, clock=lambda: next(ticks)))
-    [0, 3, 5]
-    >>> list(throttled(range(3), 0))
-    [0, 1, 2]
-    """
-    last_sent, pending, waiting = None, None, False
-    try:
-        for update in updates:
-            now = clock()
-            if last_sent is None or now - last_sent >= interval:
-                yield update
-                last_sent, waiting = now, False
-            else:
-                pending, waiting = update, True
-        if waiting:
-            yield pending
-    finally:
-        close = getattr(updates, "close", None)
-        if close is not None:
-            close()  # a closed consumer (Stop, client gone) ends the generation and frees the model's lock now
-
-
-# ---------------------------------------------------------------------- Gradio history → messages
-def _field(item, name: str):
-    """item[name] for dicts, item.name for objects (gr.ChatMessage, Gradio's pydantic message models)."""
-    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
-
-
-def flatten_content(content) -> str:
-    """The plain text of a Gradio 6 message's content; file, image and component blocks are skipped.
-
-    >>> flatten_content("Hello")
-    'Hello'
-    >>> flatten_content([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}])
-    'Hello\\nworld'
-    >>> flatten_content([{"type": "file", "file": {"path": "/tmp/cat.png"}}, {"type": "text", "text": "What is it?"}])
-    'What is it?'
-    >>> flatten_content({"type": "text", "text": "one block"})
-    'one block'
-    >>> flatten_content({"path": "/tmp/cat.png"})
-    ''
-    >>> flatten_content(None)
-    ''
-    """
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        return "\n".join(text for text in map(flatten_content, content) if text)
-    text = _field(content, "text")
-    if _field(content, "type") in ("text", None) and isinstance(text, str):
-        return text
-    return ""
-
-
-def history_to_messages(history) -> list[dict]:
-    """Gradio 6 ChatInterface history → `[{"role", "content": str}]` for the chat template.
-
-    Keeps user and assistant messages with text; drops empty ones, other roles, and Gradio "thought"
-    messages (a `metadata.title`: tool or status panels the app shows, not part of the answer).
-
-    >>> history_to_messages([
-    ...     {"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
-    ...     {"role": "assistant", "content": "Hello!", "metadata": {"title": "⏱ stats"}},
-    ...     {"role": "assistant", "content": [{"type": "text", "text": "Hello! How can I help?"}]},
-    ...     {"role": "system", "content": "ignored"},
-    ...     {"role": "user", "content": [{"type": "file", "file": {"path": "a.png"}}]},
-    ... ])
-    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello! How can I help?'}]
-    """
-    messages = []
-    for item in history if isinstance(history, (list, tuple)) else []:
-        role, metadata = _field(item, "role"), _field(item, "metadata")
-        if role not in ("user", "assistant") or (metadata and _field(metadata, "title")):
-            continue
-        text = flatten_content(_field(item, "content")).strip()
-        if text:
-            messages.append({"role": role, "content": text})
-    return messages
-
-
-def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int], n_ctx: int,
-                 max_new_tokens: int, drop_step: int = 1) -> list[dict]:
-    """Drop the oldest exchanges until the prompt and the answer fit in the context.
-
-    `messages` is `[system?] + history + [new user message]`. Whole exchanges go (a user message with the
-    answers after it), oldest first, until `count_tokens(messages) + max_new_tokens <= n_ctx`; the system
-    message and the new message always stay. With `drop_step` > 1, exchanges go by multiples of that many
-    (as many as needed, rounded up), so that the next turns of a full conversation keep the same start.
-
-    >>> chat = [{"role": "system", "content": "Be brief."}] + [
-    ...     {"role": role, "content": f"{role} {turn}"} for turn in range(3) for role in ("user", "assistant")
-    ... ] + [{"role": "user", "content": "new"}]
-    >>> [m["content"] for m in trim_history(chat, len, n_ctx=6, max_new_tokens=1)]
-    ['Be brief.', 'user 2', 'assistant 2', 'new']
-    >>> [m["content"] for m in trim_history(chat, len, n_ctx=8, max_new_tokens=1, drop_step=2)]
-    ['Be brief.', 'user 2', 'assistant 2', 'new']
-    """
-    start = 1 if messages and messages[0]["role"] == "system" else 0
-    head, history, new = messages[:start], messages[start:-1], messages[-1:]
-    budget = n_ctx - max_new_tokens
-
-    def fits(first_kept: int) -> bool:
-        return count_tokens(head + history[first_kept:] + new) <= budget
-
-    # Where the kept history may begin: its start, at a user message, or nowhere (all dropped).
-    starts = [0] + [i for i, message in enumerate(history) if i > 0 and message["role"] == "user"] + [len(history)]
-    needed = count_tokens(head + new)
-    if needed > budget:
-        raise UserError(f"Your message is too long for this model's context ({needed} tokens, limit {budget}); "
-                        "shorten it.")
-    # Fewer messages never need more tokens, so binary-search the first start that fits: a handful of
-    # renders even for a long (or hostile) history.
-    low, high = 0, len(starts) - 1
-    while low < high:
-        middle = (low + high) // 2
-        if fits(starts[middle]):
-            high = middle
-        else:
-            low = middle + 1
-    dropped = min(-(-low // drop_step) * drop_step, len(starts) - 1)  # low rounded up to a multiple of drop_step
-    return head + history[starts[dropped]:] + new
-
-
-# ---------------------------------------------------------------------- the engine
-def reusable_prefix(context: Sequence[int], piece: Callable[[int], bytes], prompt: bytes) -> tuple[int, int]:
-    r"""How many of the context's tokens spell the start of `prompt`, and how many of its bytes they spell.
-
-    A conversation's next prompt holds the previous answer as text, re-rendered by the chat template. Tokenized
-    afresh, that text often differs from the tokens that were sampled (another split of the same characters,
-    a character whose bytes two tokens shared), so prefix matching on tokens would stop at the first difference
-    and re-read the whole answer. Matching on the text the context's tokens spell keeps the sampled tokens
-    (the model sees exactly what it generated, leading whitespace the template trims included) and reads only
-    what is new. The prefix never ends inside a UTF-8 character, so the rest tokenizes as text.
-
-    >>> pieces = {0: b"<s>", 1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: b"\xc3", 7: b"\xa9"}
-    >>> reusable_prefix([0, 1, 2, 3, 4], pieces.get, b"<s>Hello world, again")
-    (5, 14)
-    >>> reusable_prefix([0, 1, 2, 5], pieces.get, b"<s>Hello?")    # the context goes another way after "Hello"
-    (3, 8)
-    >>> reusable_prefix([0, 6, 7], pieces.get, "<s>\u00e9t\u00e9".encode())  # "é" split over two tokens
-    (3, 5)
-    >>> reusable_prefix([0, 6], pieces.get, "<s>\u00e9".encode())  # not half of a character
-    (1, 3)
-    >>> reusable_prefix([0, 3, 4], pieces.get, b"<s>world")   # " wor": an answer's first token, its space trimmed
-    (3, 8)
-    >>> pieces[8] = b"\n"
-    >>> reusable_prefix([0, 8, 1, 2], pieces.get, b"<s>Hello")   # a whole token of trimmed whitespace
-    (4, 8)
-    >>> reusable_prefix([0, 1, 2, 8], pieces.get, b"<s>Hello<eot>")  # but never as the last kept token
-    (3, 8)
-    """
-    offset, steps = 0, []
-    for token in context:
-        text = piece(token)
-        if text and prompt.startswith(text, offset):
-            steps.append(len(text))
-        elif prompt.startswith(text.lstrip(), offset):
-            # The template trims each answer (`| trim`): its leading whitespace stays as it was sampled.
-            steps.append(len(text.lstrip()))
-        else:
-            break
-        offset += steps[-1]
-    # Never end on whitespace the prompt does not have, nor inside a character.
-    while steps and (steps[-1] == 0 or offset < len(prompt) and prompt[offset] & 0xC0 == 0x80):
-        offset -= steps.pop()
-    return len(steps), offset
-
-
 class _StateCache(LlamaRAMCache):
     """llama-cpp-python's RAM cache of prompt states, without a logits copy nobody reads, and without
     states that a newer one extends.
 
     Llama.save_state copies `scores`: up to n_batch × n_vocab float32, 250 MiB for Llama 3's vocabulary,
-    that LlamaRAMCache leaves out of its capacity and Llama.load_state copies back (0.6-1.0 s per cache hit,
-    measured). With logits_all=False (our case) sampling reads llama.cpp's own logits, never these: one row
-    is kept, which load_state broadcasts back (hit: 0.03 s for a 550-token 1B state, 0.08 s for 3B).
-    Each answer saves its conversation's state, whose tokens extend that conversation's previous one; the
-    longer state serves any prompt at least as well, so the shorter is dropped rather than left to fill
-    the capacity (32 KiB per token for 1B, 112 KiB for 3B).
+    that LlamaRAMCache leaves out of its capacity and Llama.load_state copies back, which makes every cache hit
+    slow. With logits_all=False (our case) sampling reads llama.cpp's own logits, never these: one row
+    is kept, which load_state broadcasts back, and a hit costs a small fraction of what it did (the figures:
+    README.md's serve section). Each answer saves its conversation's state, whose tokens extend that
+    conversation's previous one; the longer state serves any prompt at least as well, so the shorter is dropped
+    rather than left to fill the capacity (32 KiB per token for 1B, 112 KiB for 3B).
     """
 
     def __setitem__(self, key, value):
@@ -659,21 +303,13 @@ class Engine:
 
         Time to first token over a conversation: the Llama keeps the KV cache of its previous prompt and
         answer, so a turn reads only what changed since: the new message, and the previous answer only from
-        where its text (as Gradio sends it back) stops spelling the sampled tokens (reusable_prefix). With
-        6 turns of ≈45-token questions and 64-token answers on 2 cores, measured TTFT turn 1 → turn 6 when
-        prefixes were still matched by token ids, which re-read each previous answer (100-124 tokens a turn):
-          tiny test model:                  0.007 s → 0.018 s   (re-reading everything: 0.008 → 0.067 s)
-          random-weight 1B-shaped q4_k_m:   0.38 s → 0.57 s     (re-reading everything: 0.65 → 5.4 s)
-        while the prompt grew from 79 to 653 tokens. Matching by text, a 1B-shaped turn 2 read 49 tokens
-        instead of 107 (0.38 s instead of 0.84 s); scripts/bench.py measures the whole conversation.
-        When users take turns on one model, the context holds the other user's conversation; the state cache
-        (cache_bytes) then restores this one's. Two users alternating 6 turns each on the 1B-shaped model:
-        turn-6 TTFT 5.3-5.4 s without it, 0.8-1.1 s with it (tiny model: 0.06 s → 0.04 s), and no cost for
-        a single conversation (0.38 → 0.51 s with it).
-        Once a conversation outgrows the context, its oldest exchanges go and the prompt changes right after
-        the system message, so that turn re-reads it all. 1B-shaped, n_ctx=1024, 16 turns: dropping one
-        exchange per turn (drop_step=1) made every turn from the 9th on take 7.0 s to first token; with
-        drop_step=4, turns 9 and 13 took 4.2 and 3.9 s and the others 0.7-1.1 s.
+        where its text (as Gradio sends it back) stops spelling the sampled tokens (reusable_prefix), instead of
+        re-reading the whole conversation every turn. When users take turns on one model, the context holds the
+        other user's conversation; the state cache (cache_bytes) then restores this one's, at no cost to a
+        single conversation. Once a conversation outgrows the context, its oldest exchanges go and the prompt
+        changes right after the system message, so that turn re-reads it all; drop_step > 1 makes that one turn
+        in drop_step. The figures: README.md's serve section and docs/benchmarks.md ("Through the Space");
+        scripts/bench.py measures the whole conversation.
         """
         started = time.perf_counter()
         try:
@@ -695,12 +331,10 @@ class Engine:
         The same label twice is always sequential: one Llama has one KV cache, and its lock is not reentrant.
         Each Reply's ttft_s counts from this call, so B's includes the wait for A in sequential mode.
 
-        Measured on 2 cores with random-weight 1B- and 3B-shaped q4_k_m models, 256 new tokens each:
-          sequential    first tokens A 0.3-0.4 s, B 11.6 s (A = 1B) or 21.5 s (A = 3B); both done 31-33 s
-          interleaved   first tokens of both within 0.6 s, each streaming at 8-9 tok/s; both done 28-32 s
         Both modes finish together within measurement noise, so interleaved is the better experience: both
         answers start at once at above reading speed, and in a blind vote neither panel's timing gives its
-        model away (sequentially, B sits empty for as long as A takes, which tells 1B from 3B).
+        model away (sequentially, B sits empty for as long as A takes, which tells 1B from 3B). The figures,
+        measured with 1B- and 3B-shaped models on 2 cores: README.md's serve section.
         """
         started = time.perf_counter()
         if mode not in COMPARE_MODES:
@@ -742,51 +376,3 @@ class Engine:
                     stream.close()
 
 
-# ---------------------------------------------------------------------- votes
-VOTES = ("A", "B", "tie", "both bad")
-
-
-def unique_vote_file(folder: Path) -> Path:
-    """A vote file of this process's own in `folder`: a restarted Space starts with an empty local folder,
-    and a CommitScheduler pushing a fixed file name would overwrite the votes already on the Hub."""
-    return Path(folder) / f"votes-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
-
-
-def _commit_scheduler(**arguments):
-    from huggingface_hub import CommitScheduler  # only Spaces that push votes need the Hub client
-
-    return CommitScheduler(**arguments)
-
-
-class VoteLog:
-    """Compare-tab votes, one JSON line each, optionally pushed to a Hub dataset every few minutes.
-
-    With `hub_repo_id`, huggingface_hub's CommitScheduler uploads the vote file's folder to `votes/` in that
-    dataset repo: give the log a folder of its own, and a file name from unique_vote_file().
-    """
-
-    def __init__(self, path: Path, hub_repo_id: str | None = None, every_minutes: float = 10,
-                 scheduler_factory: Callable[..., object] | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.scheduler = None
-        self._lock = threading.Lock()
-        if hub_repo_id:
-            self.scheduler = (scheduler_factory or _commit_scheduler)(
-                repo_id=hub_repo_id, repo_type="dataset", folder_path=self.path.parent, path_in_repo="votes",
-                every=every_minutes)
-            # The scheduler's own lock, as its docs say: it must not read the file while a line is half written.
-            self._lock = self.scheduler.lock
-
-    def record(self, model_a: str, model_b: str, vote: str, prompt: str, answer_a: str, answer_b: str,
-               blind: bool) -> dict:
-        """Append one vote and return it; UserError for a vote other than A, B, tie, both bad."""
-        if vote not in VOTES:
-            raise UserError(f"Unknown vote '{_one_line(vote, 40)}'; choose one of: {', '.join(VOTES)}")
-        entry = dict(timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), model_a=model_a,
-                     model_b=model_b, vote=vote, prompt=prompt, answer_a=answer_a, answer_b=answer_b,
-                     blind=bool(blind))
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as file:
-            file.write(line)
-        return entry

@@ -14,7 +14,9 @@ from compare.heldout import GgufChatTemplate, conversation_tokens, load_heldout
 from compare.prompts import DEFAULT_PROMPTS, Prompt, generate_answers, load_prompts
 from conftest import REPO, TINY_GGUF_NAME, run_cli
 from hub_recorder import hub_error
-from space.engine import Engine, Sampling, catalog_from_paths
+from space.catalog import catalog_from_paths
+from space.engine import Engine
+from space.replies import Sampling
 from train.data import IGNORE_INDEX, prepare, read_rows, tokenize_conversation
 
 EOT_ID = 128009

@@ -1,9 +1,8 @@
-"""scripts/deploy_space.py, offline: the dry-run tree is checked file by file, and a real run goes to a recording client
-that checks every call against HfApi's own signature, so what is asserted here is what the Hub would receive."""
+"""scripts/deploy_space.py (its logic: space/deploy.py), offline: the dry-run tree is checked file by file, and a real
+run goes to a recording client that checks every call against HfApi's own signature, so what is asserted here is what
+the Hub would receive."""
 
-import doctest
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+import space.deploy
 from hub_recorder import RecordingClient, hub_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,9 @@ NO_TOKEN_LINE = ("error: deploying needs a Hugging Face token with write access:
                  "(--dry-run DIR builds the Space's files without one)\n")
 
 # What a fake space/ holds: the files a Space needs, and the ones a working copy collects that it must not get.
+# The Space gets the kept ones under space/, as the repo has them.
 FAKE_SPACE_KEPT = {
-    "app.py": "import engine\nprint('app')\n",
+    "app.py": "import space.engine\nprint('app')\n",
     "engine.py": "ENGINE = 1\n",
     "models.yaml": "models: []\n",
     "static/style.css": "body { color: black; }\n",
@@ -42,6 +43,7 @@ FAKE_SPACE_LEFT_OUT = {
     "__pycache__/engine.cpython-311.pyc": "bytecode",
     "static/__pycache__/x.cpython-311.pyc": "bytecode",
     "README_space.md": "a stray template",
+    "deploy.py": "the deploy's own code",
     "votes/votes.jsonl": '{"vote": "A"}\n',
     "votes.jsonl": '{"vote": "B"}\n',
     ".gradio/certificate.pem": "cache",
@@ -52,13 +54,9 @@ FAKE_SPACE_LEFT_OUT = {
 
 
 @pytest.fixture
-def deploy_space(monkeypatch):
-    """The entry script as a module (scripts/ is not a package), fresh for each test so monkeypatching stays local."""
-    spec = importlib.util.spec_from_file_location("deploy_space_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
+def deploy_space():
+    """The deploy's module (scripts/deploy_space.py is its entry point); tests monkeypatch its SPACE_DIR etc."""
+    return space.deploy
 
 
 @pytest.fixture
@@ -102,11 +100,12 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
     assert dry_run(deploy_space, out) == 0
 
     tree = tree_of(out)
-    assert set(tree) == {"README.md", "requirements.txt", *FAKE_SPACE_KEPT, *_base_package()}
+    assert set(tree) == {"README.md", "requirements.txt", *(f"space/{name}" for name in FAKE_SPACE_KEPT),
+                         *_base_package()}
     for name in _base_package():
         assert tree[name] == (REPO / name).read_bytes()
     for name, text in FAKE_SPACE_KEPT.items():
-        assert tree[name] == text.encode()  # byte for byte, at the same relative place
+        assert tree[f"space/{name}"] == text.encode()  # byte for byte, at the same relative place under space/
     assert tree["requirements.txt"] == REQUIREMENTS_SPACE.read_bytes()
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in tree)
     # Nothing beside the target: the temporary folder was renamed into place.
@@ -122,26 +121,29 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
     for name in ["votes/votes.jsonl", "Tiny-Q4_K_M.gguf", "flagged/log.csv", ".gradio/certificate.pem"]:
         assert f"left out: space/{name}" in output  # what is skipped is said, not silently dropped
     assert "README_space.md" not in output and "__pycache__" not in output  # expected every time: not said
+    assert "deploy.py" not in output  # the deploy's own code, also left out every time
     assert "nothing was uploaded" in output
 
 
 def _base_package() -> set[str]:
-    """common/, the base package the app imports, as the Space gets it beside app.py (sources only)."""
+    """common/, the base package the app imports, as the Space gets it beside space/ (sources only)."""
     return {path.relative_to(REPO).as_posix() for path in (REPO / "common").rglob("*.py")
             if "__pycache__" not in path.parts}
 
 
 def _listing_of_space() -> set[str]:
-    """space/ as a Space would get it, listed here independently of the script's own rules."""
+    """space/ as a Space would get it (paths from the repo root, as in the Space), listed here independently of the
+    deploy's own rules."""
     names = set()
     for path in REAL_SPACE.rglob("*"):
         relative = path.relative_to(REAL_SPACE)
         if not path.is_file() or any(part.startswith(".") or part in ("__pycache__", "votes", "flagged")
                                      for part in relative.parts):
             continue
-        if relative.suffix in (".pyc", ".jsonl", ".log", ".gguf", ".tmp") or relative.as_posix() == "README_space.md":
+        if relative.suffix in (".pyc", ".jsonl", ".log", ".gguf", ".tmp") or relative.as_posix() in (
+                "README_space.md", "deploy.py", "deploy_card.py"):
             continue
-        names.add(relative.as_posix())
+        names.add(path.relative_to(REPO).as_posix())
     return names
 
 
@@ -150,10 +152,10 @@ def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_pat
     out = tmp_path / "out"
     assert dry_run(deploy_space, out) == 0
     tree = tree_of(out)
-    assert {"app.py", "requirements.txt", "README.md"} <= set(tree)
+    assert {"space/app.py", "requirements.txt", "README.md"} <= set(tree)
     assert set(tree) == _listing_of_space() | _base_package() | {"README.md", "requirements.txt"}
     for name in _listing_of_space():
-        assert tree[name] == (REAL_SPACE / name).read_bytes()
+        assert tree[name] == (REPO / name).read_bytes()
 
     card, _ = front_matter_and_body(tree["README.md"].decode())
     assert card["app_file"] in tree  # the Space has the file its card says to run
@@ -164,10 +166,11 @@ def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_pat
     assert re.search(r"^llama-cpp-python==\S+ --config-settings=cmake\.define\.GGML_NATIVE=OFF$", requirements,
                      re.MULTILINE)
 
-    # The uploaded tree starts on its own: app.py at its root finds engine.py and common/ beside it.
+    # The uploaded tree starts on its own, as the Space runs its app_file from the tree's root: space/app.py finds
+    # the space package and common/ there, nothing from this checkout.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    started = subprocess.run([sys.executable, "app.py", "--help"], cwd=out, env=env, capture_output=True, text=True,
-                             timeout=300)
+    started = subprocess.run([sys.executable, "space/app.py", "--help"], cwd=out, env=env, capture_output=True,
+                             text=True, timeout=300)
     assert started.returncode == 0 and "--model" in started.stdout, started.stderr[-2000:]
 
 
@@ -178,7 +181,7 @@ def test_card_front_matter_is_what_the_hub_reads(deploy_space, fake_space, tmp_p
     gradio_version = importlib.metadata.version("gradio")
     assert card == {
         "title": "Llama-3.2 FineTome Chat", "emoji": "🦙", "colorFrom": "indigo", "colorTo": "yellow",
-        "sdk": "gradio", "sdk_version": gradio_version, "app_file": "app.py", "python_version": "3.11",
+        "sdk": "gradio", "sdk_version": gradio_version, "app_file": "space/app.py", "python_version": "3.11",
         "pinned": False, "short_description": card["short_description"], "license": "llama3.2",
         "models": [MODEL_1B, MODEL_3B], "datasets": ["mlabonne/FineTome-100k"],
         "tags": ["llama-cpp", "gguf", "llama-3.2", "finetome", "chatbot", "cpu"],
@@ -227,7 +230,7 @@ def test_dry_run_replaces_its_own_folder_and_refuses_any_other(deploy_space, fak
     assert dry_run(deploy_space, out) == 0
     (fake_space / "engine.py").unlink()
     assert dry_run(deploy_space, out) == 0  # a previous dry run's folder is replaced, not merged into
-    assert "engine.py" not in tree_of(out)
+    assert "space/engine.py" not in tree_of(out)
 
     other = tmp_path / "notes"
     other.mkdir()
@@ -245,7 +248,7 @@ def test_dry_run_replaces_its_own_folder_and_refuses_any_other(deploy_space, fak
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert dry_run(deploy_space, empty) == 0 and (empty / "app.py").is_file()
+    assert dry_run(deploy_space, empty) == 0 and (empty / "space" / "app.py").is_file()
 
 
 def test_dry_run_needs_no_token(deploy_space, fake_space, tmp_path, monkeypatch):
@@ -309,7 +312,7 @@ def test_token_appears_nowhere(deploy_space, fake_space, tmp_path, capsys, token
 
 
 def test_files_only_in_the_space_are_reported_not_deleted(deploy_space, fake_space, capsys, token_env):
-    client = RecordingClient(token=SECRET, existing=[".gitattributes", "README.md", "app.py", "old_helpers.py"])
+    client = RecordingClient(token=SECRET, existing=[".gitattributes", "README.md", "space/app.py", "old_helpers.py"])
     assert deploy_space.main(["--space-id", SPACE_ID, "--model-3b", MODEL_3B], client=client) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == ["note: the Space also has old_helpers.py, which this deploy did not write; delete it on the "
@@ -377,21 +380,6 @@ def test_missing_app_is_one_line_and_exit_2(deploy_space, fake_space, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_space_folder_may_not_hold_the_generated_files(deploy_space, fake_space, tmp_path, capsys):
-    (fake_space / "requirements.txt").write_text("numpy\n")
-    assert dry_run(deploy_space, tmp_path / "out") == 2
-    assert capsys.readouterr().err == (f"error: {fake_space / 'requirements.txt'} would be replaced by the "
-                                       "generated requirements.txt: rename or move it\n")
-
-
-def test_space_folder_may_not_hold_a_base_package_of_its_own(deploy_space, fake_space, tmp_path, capsys):
-    (fake_space / "common").mkdir()
-    assert dry_run(deploy_space, tmp_path / "out") == 2
-    assert capsys.readouterr().err == (f"error: {fake_space / 'common'} would be replaced by the project's base "
-                                       "package common/, which the Space gets beside app.py: rename or move it\n")
-    assert not (tmp_path / "out").exists()
-
-
 def test_gradio_pin_must_match_the_installed_gradio(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
     requirements = tmp_path / "requirements-space.txt"
     requirements.write_text("gradio==5.0.0\nllama-cpp-python==0.3.36\n")
@@ -425,9 +413,12 @@ def test_help_runs_from_anywhere(tmp_path):
 # ---------------------------------------------------------------- pure parts
 
 
-def test_template_placeholders_must_all_be_known_and_used(deploy_space):
-    with pytest.raises(deploy_space.UsageError, match="placeholders typo have no value and report are not used"):
-        deploy_space.fill_template("# {{title}}\n{{typo}}\n", {"title": "t", "report": "r"})
+def test_template_placeholders_must_all_be_known_and_used():
+    from common.cli import UsageError
+    from space.deploy_card import fill_template
+
+    with pytest.raises(UsageError, match="placeholders typo have no value and report are not used"):
+        fill_template("# {{title}}\n{{typo}}\n", {"title": "t", "report": "r"})
 
 
 def test_requirements_space_is_pinned_and_commented():
@@ -436,8 +427,3 @@ def test_requirements_space_is_pinned_and_commented():
                      "huggingface_hub==1.33.0", "pyyaml==6.0.3"]
     assert "compiles llama.cpp" in REQUIREMENTS_SPACE.read_text()
 
-
-def test_doctests_of_the_script(deploy_space):
-    # scripts/ is outside pytest's doctest paths (pytest.ini), so its examples run here.
-    result = doctest.testmod(deploy_space, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

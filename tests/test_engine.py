@@ -1,11 +1,11 @@
-"""The Space's engine (space/engine.py): pure functions table-driven, then the real tiny q4_k_m GGUF served
-through llama-cpp-python — streaming, locks under Stop / abandoned generators / cancel, trimming, compare
-modes — and the vote log with a recorded CommitScheduler."""
+"""The Space's serving logic (space/engine.py and the pure modules beside it): pure functions table-driven, then
+the real tiny q4_k_m GGUF served through llama-cpp-python — streaming, locks under Stop / abandoned generators /
+cancel, trimming, compare modes — and the vote log with a recorded CommitScheduler."""
 
-import doctest
 import gc
 import json
 import math
+import os
 import random
 import threading
 from datetime import datetime
@@ -15,16 +15,13 @@ import pytest
 
 import space.engine as engine_module
 from common.llama import extra_buffers, open_gguf
-from space.engine import (Engine, ModelSpec, Reply, Sampling, UserError, VoteLog, catalog_from_paths,
-                          flatten_content, history_to_messages, load_catalog, trim_history, unique_vote_file)
+from space.catalog import ModelSpec, catalog_from_paths, load_catalog
+from space.engine import Engine
+from space.history import flatten_content, history_to_messages, trim_history
+from space.replies import Reply, Sampling, UserError
+from space.votes import VoteLog, unique_vote_file
 
 GREEDY = Sampling(temperature=0, max_new_tokens=16)
-
-
-def test_engine_doctests():
-    # pytest.ini's testpaths do not list space/, so its doctests run from here.
-    result = doctest.testmod(engine_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 8 and result.failed == 0
 
 
 # ---------------------------------------------------------------------- Gradio history → messages
@@ -496,8 +493,8 @@ def test_prompt_states_are_cached_without_their_logits_copy(engine):
 
 # ---------------------------------------------------------------------- loading
 def test_threads_follow_cpu_affinity_not_cpu_count(tiny_gguf, monkeypatch):
-    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda pid: {3})
-    monkeypatch.setattr(engine_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     engine = Engine(catalog_from_paths([str(tiny_gguf)]))
     assert engine.n_threads == 1
     params = engine.get(engine.labels[0]).context_params

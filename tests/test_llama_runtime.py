@@ -81,7 +81,9 @@ def test_this_machine_is_decided_from_its_own_llama_cpp(monkeypatch):
 @pytest.mark.parametrize("setting, expected", [("off", False), ("on", True)])
 def test_forced_path_decodes_through_the_engine(tiny_gguf, monkeypatch, setting, expected):
     """The safe path is exercised on every machine, not only on Intel: forced, then a real chat through the engine."""
-    from space.engine import Engine, Sampling, catalog_from_paths
+    from space.catalog import catalog_from_paths
+    from space.engine import Engine
+    from space.replies import Sampling
 
     monkeypatch.setenv(EXTRA_BUFFERS_ENV, setting)
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512)

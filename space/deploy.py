@@ -1,0 +1,390 @@
+"""Deploy the chat Space: create (or update) a Gradio Space on free CPU hardware that serves the q4_k_m GGUFs.
+The logic of scripts/deploy_space.py, its entry point (more commands in its docstring):
+
+    python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b USER/X-GGUF --dry-run out/space
+
+The Space's tree mirrors the repo's: the package space/ (its app.py is the Space's app_file, space/app.py; this
+file and the card template stay behind), the base package common/ beside it, requirements-space.txt as
+requirements.txt (it asks for a portable llama.cpp build), and README.md, the Space card: YAML front matter from
+this module and the body from space/README_space.md. They go up in one commit. The model catalog reaches the app as
+the Space variable SPACE_MODELS; --votes-repo also sets SPACE_VOTES_REPO, and --variable KEY=VALUE any other
+variable the app reads (SPACE_VOTES_PATH, SPACE_N_CTX, SPACE_COMPARE_MODE). Variables persist on the Space: one a
+previous deploy set and this one does not mention is left as it is.
+
+The token comes from HF_TOKEN or the saved login (`hf auth login`), is checked before any work, and only ever goes
+to HfApi(token=...). --dry-run DIR needs neither a token nor the network: it writes the exact tree that would be
+uploaded into DIR, plus DIR/.space_variables.json (the variables; not part of the upload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from huggingface_hub import CommitOperationAdd
+
+from common.cli import UsageError, UsageParser, report_problem
+from common.files import remove_stale_temporaries, swap_in_folder, temporary_path
+from export.errors import ExportError
+from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id
+from space.deploy_card import APP_NAME, GGUF_PATTERN, PACKAGE, TEMPLATE, render_card
+
+REPO = Path(__file__).resolve().parents[1]
+# Read at call time, so tests can point them at a folder of their own.
+SPACE_DIR = REPO / "space"
+BASE_DIR = REPO / "common"  # the base package the app imports; the Space gets it beside space/
+REQUIREMENTS = REPO / "requirements-space.txt"
+
+HARDWARE = "cpu-basic"  # the free CPU tier: 2 vCPUs, 16 GB RAM
+LABELS = {"1b": "Llama-3.2-1B FineTome (q4_k_m)", "3b": "Llama-3.2-3B FineTome (q4_k_m)"}
+MODELS_VARIABLE = "SPACE_MODELS"
+VOTES_REPO_VARIABLE = "SPACE_VOTES_REPO"
+VARIABLE_DESCRIPTIONS = {
+    MODELS_VARIABLE: "The models the app serves: JSON list of {label, repo_id, filename} (set by deploy_space.py)",
+    VOTES_REPO_VARIABLE: "Hub dataset the blind-vote log is pushed to (set by deploy_space.py)",
+}
+VARIABLES_FILE = ".space_variables.json"  # in a --dry-run folder only; also marks the folder as a dry run's
+WRITTEN_BY = "scripts/deploy_space.py --dry-run"
+NO_TOKEN = ("deploying needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login` "
+            "(--dry-run DIR builds the Space's files without one)")
+# The fix for the HTTP statuses a deploy typically meets, on top of the export's (401, 403, 429).
+DEPLOY_HTTP_FIXES = {
+    **HTTP_FIXES,
+    402: "the Hub wants payment for this Space (free accounts get cpu-basic Spaces): check "
+         "https://huggingface.co/settings/billing",
+}
+
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass
+class DeployConfig:
+    space_id: str
+    model_1b: str | None = None
+    model_3b: str | None = None
+    private: bool = False
+    dry_run: str | None = None
+    votes_repo: str | None = None
+    variable: list[str] = field(default_factory=list)
+    report_url: str | None = None
+
+    def __post_init__(self):
+        problems = []
+        for flag, value in (("--space-id", self.space_id), ("--model-1b", self.model_1b),
+                            ("--model-3b", self.model_3b), ("--votes-repo", self.votes_repo)):
+            if value is not None:
+                try:
+                    validate_repo_id(value, flag)
+                except ExportError as error:
+                    problems.append(str(error))
+        if not self.model_1b and not self.model_3b:
+            problems.append("no model to serve: give --model-1b USER/NAME-GGUF and/or --model-3b USER/NAME-GGUF "
+                            "(the Hub repos export/to_gguf.py --push wrote)")
+        elif self.model_1b == self.model_3b:
+            problems.append(f"--model-1b and --model-3b are both {self.model_1b!r}: give the 1B and the 3B repo")
+        for item in self.variable:
+            key, equals, _ = item.partition("=")
+            if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                problems.append(f"--variable {item!r}: expected KEY=VALUE with KEY a name like SPACE_VOTES_PATH")
+            elif key in (MODELS_VARIABLE, VOTES_REPO_VARIABLE):
+                flags = "--model-1b/--model-3b" if key == MODELS_VARIABLE else "--votes-repo"
+                problems.append(f"--variable {key}: set by {flags}; leave it out of --variable")
+        if self.report_url is not None and not re.match(r"https?://\S+$", self.report_url):
+            problems.append(f"--report-url {self.report_url!r}: expected an http(s):// address")
+        if problems:
+            raise UsageError(problems)
+
+    def variables(self) -> dict[str, str]:
+        """The Space variables this deploy sets, name -> value (the Hub stores strings).
+
+        >>> variables = DeployConfig("alice/chat", model_3b="alice/m3-GGUF", variable=["SPACE_N_CTX=2048"]).variables()
+        >>> variables["SPACE_MODELS"]
+        '[{"label": "Llama-3.2-3B FineTome (q4_k_m)", "repo_id": "alice/m3-GGUF", "filename": "*Q4_K_M.gguf"}]'
+        >>> variables["SPACE_N_CTX"]
+        '2048'
+        """
+        variables = {MODELS_VARIABLE: json.dumps(self.catalog())}
+        if self.votes_repo:
+            variables[VOTES_REPO_VARIABLE] = self.votes_repo
+        for item in self.variable:
+            key, _, value = item.partition("=")
+            variables[key] = value
+        return variables
+
+    def catalog(self) -> list[dict]:
+        """What SPACE_MODELS holds: the 1B model, then the 3B, whichever were given."""
+        repos = (("1b", self.model_1b), ("3b", self.model_3b))
+        return [{"label": LABELS[size], "repo_id": repo, "filename": GGUF_PATTERN} for size, repo in repos if repo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = UsageParser(prog="python scripts/deploy_space.py",
+                     description="Create or update the Gradio chat Space (free CPU) that serves the q4_k_m GGUFs.")
+    parser.add_argument("--space-id", required=True, help="the Space, USER/NAME (created if it does not exist)")
+    parser.add_argument("--model-1b", help="Hub repo of the 1B q4_k_m GGUF, USER/NAME (at least one of the two)")
+    parser.add_argument("--model-3b", help="Hub repo of the 3B q4_k_m GGUF, USER/NAME")
+    parser.add_argument("--private", action="store_true", help="create the Space private (an existing Space keeps "
+                        "its visibility)")
+    parser.add_argument("--dry-run", metavar="DIR", help="write the files that would be uploaded into DIR (and the "
+                        f"variables into DIR/{VARIABLES_FILE}) instead of deploying; needs no token")
+    parser.add_argument("--votes-repo", metavar="USER/NAME", help=f"a Hub dataset the app pushes the vote log to "
+                        f"(sets {VOTES_REPO_VARIABLE}; the Space then needs an HF_TOKEN secret that may write it)")
+    parser.add_argument("--variable", action="append", default=[], metavar="KEY=VALUE",
+                        help="another Space variable for the app, e.g. SPACE_VOTES_PATH=/data/votes.jsonl (repeatable)")
+    parser.add_argument("--report-url", help="link to the comparison report scripts/compare.py wrote, for the card")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> DeployConfig:
+    return DeployConfig(**vars(build_parser().parse_args(argv)))
+
+
+# ---------------------------------------------------------------- the Space's files (pure, no network)
+SILENT_REASON = "the Space card template, rendered into README.md"
+DEPLOY_REASON = "the deploy's own code: it runs here, the Space never imports it"
+DEPLOY_MODULES = (Path(__file__).name, "deploy_card.py")  # the deploy's own code, in space/ beside the app
+QUIET_REASONS = ("Python bytecode", SILENT_REASON, DEPLOY_REASON)  # not worth a line: expected every time
+
+
+def leave_out_reason(path: PurePosixPath) -> str | None:
+    """Why a file of space/ is not part of the Space, or None when it is. `path` is relative to space/.
+
+    >>> [leave_out_reason(PurePosixPath(p)) for p in ["app.py", "engine.py", "models.yaml", "static/style.css"]]
+    [None, None, None, None]
+    >>> leave_out_reason(PurePosixPath("deploy.py"))
+    "the deploy's own code: it runs here, the Space never imports it"
+    >>> leave_out_reason(PurePosixPath("__pycache__/engine.cpython-311.pyc"))
+    'Python bytecode'
+    >>> leave_out_reason(PurePosixPath("votes/votes.jsonl"))
+    'vote log or app output'
+    >>> leave_out_reason(PurePosixPath(".pytest_cache/v/cache/nodeids"))
+    'hidden (cache or editor file)'
+    >>> leave_out_reason(PurePosixPath("README_space.md"))
+    'the Space card template, rendered into README.md'
+    """
+    if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
+        return "Python bytecode"
+    if any(part.startswith(".") for part in path.parts):
+        return "hidden (cache or editor file)"
+    if path == PurePosixPath(TEMPLATE.name):
+        return SILENT_REASON
+    if path.as_posix() in DEPLOY_MODULES:
+        return DEPLOY_REASON
+    if {"votes", "flagged"} & set(path.parts[:-1]) or path.suffix in (".jsonl", ".log"):
+        return "vote log or app output"
+    if path.suffix in (".gguf", ".safetensors", ".bin"):
+        return "model file (the Space downloads its models from their repos)"
+    if path.suffix in (".tmp", ".partial"):
+        return "temporary file"
+    return None
+
+
+def space_files(space_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The files of space/ that the Space gets, and the ones left out with the reason (sorted, POSIX paths)."""
+    kept, left_out = [], []
+    for path in sorted(space_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = PurePosixPath(path.relative_to(space_dir).as_posix())
+        reason = leave_out_reason(relative)
+        if reason is None:
+            kept.append(str(relative))
+        elif reason not in QUIET_REASONS:  # the rest is worth a line
+            left_out.append((str(relative), reason))
+    return kept, left_out
+
+
+def requirement_pins(text: str) -> dict[str, str]:
+    """name -> version for each `name==version` line of a requirements file (names normalized as pip does).
+
+    >>> requirement_pins("# comment\\ngradio==6.31.0\\nLlama_CPP.python == 0.3.36  # compiles\\nnumpy>=2\\n")
+    {'gradio': '6.31.0', 'llama-cpp-python': '0.3.36'}
+    """
+    pins = {}
+    for line in text.splitlines():
+        match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)", line)
+        if match:
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    return pins
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def sdk_version(pins: dict[str, str], installed: str | None) -> str:
+    """The Space card's sdk_version: the installed gradio, which requirements-space.txt must pin to the same version
+    (the Space installs sdk_version's gradio and then requirements.txt; two versions would fight). Without gradio
+    installed here, the pin."""
+    pinned = pins.get("gradio")
+    problems = []
+    if pinned is None:
+        problems.append(f"{REQUIREMENTS.name}: pin gradio (gradio==X.Y.Z) so the Space installs what its card says")
+    elif installed is not None and installed != pinned:
+        problems.append(f"{REQUIREMENTS.name} pins gradio=={pinned} but gradio {installed} is installed here: pin "
+                        f"gradio=={installed} (the version tested here) or install gradio=={pinned}")
+    if "llama-cpp-python" not in pins:
+        problems.append(f"{REQUIREMENTS.name}: pin llama-cpp-python (llama-cpp-python==X.Y.Z); the Space compiles it")
+    if problems:
+        raise UsageError(problems)
+    return installed or pinned
+
+
+@dataclass
+class SpaceTree:
+    files: dict[str, bytes]  # path in the Space -> content, sorted by path
+    variables: dict[str, str]
+    left_out: list[tuple[str, str]]  # (path in space/, reason)
+
+
+def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree:
+    """Everything the Space gets, from space/, common/, requirements-space.txt and the card template, at the paths
+    the repo has them (requirements.txt and README.md generated at the root). Local files only."""
+    space_dir = SPACE_DIR if space_dir is None else space_dir
+    problems = []
+    if not (space_dir / APP_NAME).is_file():
+        problems.append(f"{space_dir / APP_NAME} not found: the Space runs {APP_NAME} (its app_file) from the root "
+                        f"of {space_dir.name}/; deploy from a checkout that has it")
+    for path in (REQUIREMENTS, TEMPLATE):
+        if not path.is_file():
+            problems.append(f"{path} not found: deploy from a full checkout of the project")
+    if problems:
+        raise UsageError(problems)
+    requirements = REQUIREMENTS.read_bytes()
+    pins = requirement_pins(requirements.decode("utf-8"))
+    gradio_version = sdk_version(pins, installed_version("gradio"))
+    card = render_card(config, TEMPLATE.read_text(encoding="utf-8"), gradio_version, pins["llama-cpp-python"])
+
+    kept, left_out = space_files(space_dir)
+    files = {f"{PACKAGE}/{name}": (space_dir / name).read_bytes() for name in kept}
+    for path in sorted(BASE_DIR.rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            files[f"{BASE_DIR.name}/{path.relative_to(BASE_DIR).as_posix()}"] = path.read_bytes()
+    files["README.md"] = card.encode("utf-8")
+    files["requirements.txt"] = requirements
+    return SpaceTree(files=dict(sorted(files.items())), variables=config.variables(), left_out=left_out)
+
+
+# ---------------------------------------------------------------- outputs: a folder, or the Hub
+def _is_previous_dry_run(folder: Path) -> bool:
+    try:
+        return json.loads((folder / VARIABLES_FILE).read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_dry_run(target: Path, config: DeployConfig, tree: SpaceTree) -> None:
+    """The tree into `target`, whole or not at all: built in a temporary folder beside it, then renamed. A folder a
+    previous dry run wrote is replaced; any other non-empty folder is refused."""
+    if target.exists() and not target.is_dir():
+        raise UsageError([f"--dry-run {target}: is a file; give a folder"])
+    if target.resolve().is_relative_to(SPACE_DIR.resolve()):
+        raise UsageError([f"--dry-run {target}: is inside {SPACE_DIR.name}/, whose files the Space gets (the next "
+                          "deploy would upload it); choose a folder outside it"])
+    if target.is_dir() and any(target.iterdir()) and not _is_previous_dry_run(target):
+        raise UsageError([f"--dry-run {target}: folder exists and is not empty; give a new or empty folder (a "
+                          f"folder an earlier --dry-run wrote, recognised by its {VARIABLES_FILE}, is replaced)"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, prefix=f".{target.name}.")
+    staging = temporary_path(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    for name, content in tree.files.items():
+        path = staging / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    record = {"written_by": WRITTEN_BY, "space_id": config.space_id, "hardware": HARDWARE, "private": config.private,
+              "variables": tree.variables}
+    (staging / VARIABLES_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    swap_in_folder(staging, target)
+
+
+def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = None) -> dict:
+    """Create the Space if needed, set its variables, and upload the tree in one commit.
+
+    client has HfApi's interface (HfApi(token=...) in real use). Variables go first: each change restarts the Space,
+    and setting them before the commit lets the build that the commit starts see them. Files already in the Space
+    that the tree lacks are reported, never deleted (they may be data someone put there).
+    Returns {"space_url", "commit_url", "stale"}.
+    """
+    space_id = config.space_id
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+                  for name, content in tree.files.items()]
+    with hub_errors(f"deploying to the Space {space_id}", token, DEPLOY_HTTP_FIXES, retry="deploy again"):
+        space_url = client.create_repo(space_id, repo_type="space", space_sdk="gradio", space_hardware=HARDWARE,
+                                       private=config.private, exist_ok=True)
+        for key, value in tree.variables.items():
+            client.add_space_variable(space_id, key, value, description=VARIABLE_DESCRIPTIONS.get(key))
+        existing = client.list_repo_files(space_id, repo_type="space")
+        commit = client.create_commit(space_id, operations, repo_type="space",
+                                      commit_message=f"Deploy the chat Space: {len(operations)} files",
+                                      commit_description="Models: " + ", ".join(
+                                          model["repo_id"] for model in config.catalog()))
+    # .gitattributes is the Hub's own (LFS rules); it is never part of the tree.
+    stale = sorted(set(existing) - set(tree.files) - {".gitattributes"})
+    return {"space_url": str(space_url), "commit_url": getattr(commit, "commit_url", None), "stale": stale}
+
+
+def _print_tree(tree: SpaceTree) -> None:
+    for name, content in tree.files.items():
+        print(f"  {name}  ({len(content):,} bytes)")
+    for name, reason in tree.left_out:
+        print(f"  left out: space/{name} ({reason})")
+    for key, value in tree.variables.items():
+        print(f"  variable {key} = {value}")
+
+
+def main(argv: list[str] | None = None, client=None) -> int:
+    try:
+        config = config_from_args(argv)
+    except UsageError as error:
+        return error.report()
+
+    token = None
+    if not config.dry_run:
+        try:
+            token = resolve_token()  # before any work: a missing token should not cost a build first
+        except ExportError:
+            print(f"error: {NO_TOKEN}", file=sys.stderr)
+            return 1
+
+    try:
+        tree = build_tree(config)
+        if config.dry_run:
+            target = Path(config.dry_run).expanduser()
+            write_dry_run(target, config, tree)
+            print(f"dry run: the Space {config.space_id} would get these files, now in {target}/ "
+                  f"(variables in {target / VARIABLES_FILE}, not uploaded):")
+            _print_tree(tree)
+            print("nothing was uploaded; run again without --dry-run to deploy")
+            return 0
+    except UsageError as error:
+        return error.report()
+
+    if client is None:
+        from huggingface_hub import HfApi
+
+        client = HfApi(token=token)
+    print(f"deploying to the Space {config.space_id} ({HARDWARE}):")
+    _print_tree(tree)
+    try:
+        result = deploy(client, config, tree, token=token)
+    except ExportError as error:
+        return report_problem(error)
+    for name in result["stale"]:
+        print(f"note: the Space also has {name}, which this deploy did not write; delete it on the Space's Files "
+              "tab if it is left over from an earlier version")
+    if result["commit_url"]:
+        print(f"commit: {result['commit_url']}")
+    print("the first build compiles llama.cpp (about 10-15 minutes); follow it in the Space's Logs tab")
+    print(f"Space: {result['space_url']}")
+    return 0
+

@@ -1,0 +1,145 @@
+"""What a request may ask and what comes back: the user's mistakes (UserError), the sampling settings and their
+bounds, the streamed Reply, and the throttle that paces updates to the browser.
+
+    from space.replies import Sampling, TEMPERATURE_RANGE
+    Sampling(temperature=5).clamped().temperature == TEMPERATURE_RANGE[1]    # True
+
+The bounds below are written once: Sampling.clamped() enforces them and space/app.py's sliders show them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "UserError", "Sampling", "Reply", "throttled",
+    "TEMPERATURE_RANGE", "DEFAULT_TEMPERATURE", "TOP_P_RANGE", "DEFAULT_TOP_P",
+    "MAX_NEW_TOKENS_RANGE", "DEFAULT_MAX_NEW_TOKENS",
+]
+
+# The sampling bounds: (lowest, highest) and the default of each setting.
+TEMPERATURE_RANGE = (0.0, 2.0)  # 0 = greedy (deterministic)
+DEFAULT_TEMPERATURE = 0.7
+TOP_P_RANGE = (0.05, 1.0)
+DEFAULT_TOP_P = 0.9
+MAX_NEW_TOKENS_RANGE = (16, 1024)
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class UserError(ValueError):
+    """A one-line message to show the user as is (what is wrong, with which value, and the fix)."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Text collapsed onto one line and cut to `limit` characters (for messages shown in the UI).
+
+    >>> _one_line("two\\n  lines")
+    'two lines'
+    >>> _one_line("x" * 10, limit=5)
+    'xxxx…'
+    """
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clamp(value, low: float, high: float, default: float) -> float:
+    """`value` forced into [low, high]; anything that is not a real number (None, "abc", NaN) gives `default`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf if value > 0 else -math.inf
+    return default if math.isnan(number) else min(max(number, low), high)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings, as the UI's sliders (or any API caller) send them."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    def clamped(self) -> Sampling:
+        """Safe values whatever was sent: out-of-range numbers clamped, non-numbers replaced by the defaults.
+
+        >>> Sampling(temperature=-5, top_p=7, max_new_tokens=10**9).clamped()
+        Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1024)
+        >>> Sampling(temperature=float("nan"), top_p="high", max_new_tokens=None).clamped()
+        Sampling(temperature=0.7, top_p=0.9, max_new_tokens=256)
+        """
+        return Sampling(
+            temperature=_clamp(self.temperature, *TEMPERATURE_RANGE, DEFAULT_TEMPERATURE),
+            top_p=_clamp(self.top_p, *TOP_P_RANGE, DEFAULT_TOP_P),
+            max_new_tokens=int(_clamp(self.max_new_tokens, *MAX_NEW_TOKENS_RANGE, DEFAULT_MAX_NEW_TOKENS)),
+        )
+
+
+@dataclass
+class Reply:
+    """One streamed state of an answer: the text so far and live statistics."""
+
+    text: str
+    done: bool = False
+    ttft_s: float | None = None  # time to first token from the request: loading and waiting for the model included
+    # Streamed pieces: one per token, except that llama-cpp-python holds back bytes that are not yet valid
+    # UTF-8 (a character split over tokens; random weights can stall it until the end) and sends them as one.
+    tokens: int = 0
+    tokens_per_s: float | None = None  # decoding speed after the first token
+    finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
+    error: str | None = None  # a message for the user instead of an answer
+
+    def stats(self) -> str:
+        """One line for the UI, empty until the first token.
+
+        >>> Reply("Hi there", ttft_s=0.123, tokens=57, tokens_per_s=34.49).stats()
+        'TTFT 0.12 s · 34.5 tok/s · 57 tokens'
+        >>> Reply("Hi", ttft_s=0.5, tokens=1).stats()
+        'TTFT 0.50 s · 1 token'
+        >>> Reply("").stats()
+        ''
+        """
+        if self.ttft_s is None:
+            return ""
+        parts = [f"TTFT {self.ttft_s:.2f} s"]
+        if self.tokens_per_s is not None:
+            parts.append(f"{self.tokens_per_s:.1f} tok/s")
+        parts.append(f"{self.tokens} token{'s' if self.tokens != 1 else ''}")
+        return " · ".join(parts)
+
+
+def throttled(updates: Iterable, interval: float, clock: Callable[[], float] = time.perf_counter) -> Iterator:
+    """The first update at once, then at most one every `interval` seconds (the newest), and always the last.
+
+    Every update is diffed, serialised and sent by Gradio, and re-rendered (Markdown) by each browser watching.
+    Ten updates a second still read as smooth streaming and send about a quarter as many updates as one per token
+    for a 1B model. On the server's side the difference is within the noise of a 2-core machine; the gain is the
+    browsers' and the network's (the figures: README.md's serve section, docs/benchmarks.md "Through the Space").
+    The first token is never held back.
+
+    >>> ticks = iter([0.0, 0.01, 0.02, 0.15, 0.16, 0.17])
+    >>> list(throttled(range(6), 0.1, clock=lambda: next(ticks)))
+    [0, 3, 5]
+    >>> list(throttled(range(3), 0))
+    [0, 1, 2]
+    """
+    last_sent, pending, waiting = None, None, False
+    try:
+        for update in updates:
+            now = clock()
+            if last_sent is None or now - last_sent >= interval:
+                yield update
+                last_sent, waiting = now, False
+            else:
+                pending, waiting = update, True
+        if waiting:
+            yield pending
+    finally:
+        close = getattr(updates, "close", None)
+        if close is not None:
+            close()  # a closed consumer (Stop, client gone) ends the generation and frees the model's lock now
