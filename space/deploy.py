@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import CommitOperationAdd
 
 from common.cli import UsageError, UsageParser, report_problem
-from common.files import remove_stale_temporaries, swap_in_folder, temporary_path
+from common.files import output_folder_problem, remove_stale_temporaries, swap_in_folder, temporary_path
 from export.errors import ExportError
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id
 from space.deploy_card import APP_NAME, GGUF_PATTERN, PACKAGE, TEMPLATE, render_card
@@ -287,6 +287,8 @@ def write_dry_run(target: Path, config: DeployConfig, tree: SpaceTree) -> None:
     previous dry run wrote is replaced; any other non-empty folder is refused."""
     if target.exists() and not target.is_dir():
         raise UsageError([f"--dry-run {target}: is a file; give a folder"])
+    if problem := output_folder_problem(target):
+        raise UsageError([f"--dry-run {target}: {problem}; choose a folder this user can write"])
     if target.resolve().is_relative_to(SPACE_DIR.resolve()):
         raise UsageError([f"--dry-run {target}: is inside {SPACE_DIR.name}/, whose files the Space gets (the next "
                           "deploy would upload it); choose a folder outside it"])

@@ -90,7 +90,7 @@ class _Model:
         already in the model's context wherever they spell the same text (see reusable_prefix)."""
         rendered = self.formatter(messages=messages)
         prompt = rendered.prompt.encode("utf-8")
-        context = [int(token) for token in self.llm._input_ids]
+        context = [int(token) for token in self.llm.input_ids[: self.llm.n_tokens]]  # the tokens in the context
         kept, offset = reusable_prefix(context, self._piece, prompt)
         rest = self.llm.tokenize(prompt[offset:], add_bos=False, special=True) if offset < len(prompt) else []
         return context[:kept] + rest, rendered

@@ -362,6 +362,8 @@ def test_network_errors_are_one_line(deploy_space, fake_space, capsys, token_env
     (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--variable", "no equals sign"],
      "--variable 'no equals sign': expected KEY=VALUE with KEY a name like SPACE_VOTES_PATH"),
     (["--model-1b", MODEL_1B], "the following arguments are required: --space-id"),
+    (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--dry-run", "/dev/null/space"],
+     "--dry-run /dev/null/space: /dev/null is a file, not a folder; choose a folder this user can write"),
 ])
 def test_bad_input_is_one_line_and_exit_2(deploy_space, capsys, token_env, argv, message):
     client = RecordingClient(token=SECRET)

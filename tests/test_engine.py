@@ -614,7 +614,7 @@ def test_next_turn_continues_from_the_sampled_tokens(engine):
         before_prompt, _ = model.prompt_tokens([*history_to_messages(history), {"role": "user", "content": message}])
         answer = drain(engine.stream_chat(label, message, history, sampling=Sampling(0.0, 1.0, 24)))[-1]
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer.text}]
-        context = [int(token) for token in model.llm._input_ids]
+        context = [int(token) for token in model.llm.input_ids[: model.llm.n_tokens]]
         following = [*history_to_messages(history), {"role": "user", "content": "Go on."}]
         tokens, _ = model.prompt_tokens(following)
         canonical = model.llm.tokenize(model.formatter(messages=following).prompt.encode(), add_bos=False,
