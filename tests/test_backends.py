@@ -27,9 +27,23 @@ def test_unsloth_without_cuda_is_a_usage_error():
         select_backend("unsloth", has_cuda=False, has_unsloth=True)
 
 
-@pytest.mark.parametrize("cuda,bf16,expected", [(False, False, "fp32"), (True, True, "bf16"), (True, False, "fp16")])
-def test_compute_dtype(cuda, bf16, expected):
-    assert compute_dtype("auto", has_cuda=cuda, bf16_supported=bf16) == expected
+@pytest.mark.parametrize("capability, expected", [
+    (None, "fp32"),  # CPU
+    ((7, 5), "fp16"),  # T4 (Colab): torch.cuda.is_bf16_supported() says True there, emulated
+    ((7, 0), "fp16"),  # V100
+    ((8, 0), "bf16"),  # A100
+    ((8, 6), "bf16"),  # A10G, RTX 30xx
+    ((8, 9), "bf16"),  # L4, RTX 40xx
+    ((9, 0), "bf16"),  # H100
+])
+def test_compute_dtype_follows_the_compute_capability(capability, expected):
+    assert compute_dtype("auto", capability=capability) == expected
+
+
+def test_bf16_asked_of_a_t4_is_a_usage_error_and_explicit_choices_stand():
+    with pytest.raises(UsageError, match=r"--dtype bf16: this GPU \(compute capability 7.5\) has no bf16"):
+        compute_dtype("bf16", capability=(7, 5))
+    assert compute_dtype("fp16", capability=(9, 0)) == "fp16" and compute_dtype("fp32", capability=(7, 5)) == "fp32"
 
 
 def test_both_backends_are_registered():

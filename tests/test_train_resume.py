@@ -148,3 +148,39 @@ def test_resume_never_refuses_existing_checkpoints_unless_overwrite(reference_ru
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "already holds checkpoint-2, checkpoint-4, checkpoint-6" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    """Every file under the run folder with its modification time: what a rerun must leave alone."""
+    return {path.relative_to(folder).as_posix(): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
+    """The README tells Colab users to rerun every cell after a disconnect: a finished run must stay finished."""
+    reference, _ = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = _snapshot(out)
+    result = run_cli("train/run.py", *ARGS, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"done: the run in {out} is complete (6 steps, --max-steps 6); adapter: " in result.stdout
+    assert "raise --max-steps to train further" in result.stdout and "train:" not in result.stdout
+    assert _snapshot(out) == before  # no checkpoint, adapter, run.json or loss.png touched
+
+
+def test_a_finished_constant_schedule_run_keeps_its_adapter_and_more_steps_continue_it(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--max-steps", "2", "--save-steps", "2", "--eval-samples", "0",
+            "--lr-scheduler", "constant", "--output-dir", str(out)]
+    first = run_cli("train/run.py", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = adapter_weights(out / "adapter")
+    again = run_cli("train/run.py", *args)
+    assert again.returncode == 0 and "is complete (2 steps" in again.stdout
+    assert max_difference(adapter_weights(out / "adapter"), weights) == 0.0
+
+    more = run_cli("train/run.py", *args[:2], "--max-steps", "3", *args[4:])
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resume: the finished 2-step run continues to 3 steps; the constant learning rate is unchanged" in more.stdout
+    assert json.loads((out / "run.json").read_text())["steps"] == 3
+    assert max_difference(adapter_weights(out / "adapter"), weights) > 0  # the extra step trained

@@ -75,13 +75,32 @@ def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool) -> str:
     return requested
 
 
-def compute_dtype(requested: str, *, has_cuda: bool, bf16_supported: bool) -> str:
-    """fp32 on CPU; on CUDA bf16 where the GPU has it (Ampere+), else fp16 (a T4)."""
+BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 arithmetic
+
+
+def compute_dtype(requested: str, *, capability: tuple[int, int] | None) -> str:
+    """The training dtype for a CUDA device of this compute capability (None: no CUDA device): fp32 on CPU, bf16 from
+    Ampere (8.0) on, fp16 below (a T4 is 7.5). Decided from the capability, not torch.cuda.is_bf16_supported(),
+    which answers True on a T4 (emulated bf16, several times slower) unless unsloth has patched it.
+
+    >>> [compute_dtype("auto", capability=c) for c in (None, (7, 5), (8, 0), (8, 9), (9, 0))]
+    ['fp32', 'fp16', 'bf16', 'bf16', 'bf16']
+    """
+    if requested == "bf16" and capability is not None and capability < BF16_CAPABILITY:
+        raise UsageError([f"--dtype bf16: this GPU (compute capability {capability[0]}.{capability[1]}) has no bf16 "
+                          "arithmetic; use --dtype fp16 or auto"])
     if requested != "auto":
         return requested
-    if not has_cuda:
+    if capability is None:
         return "fp32"
-    return "bf16" if bf16_supported else "fp16"
+    return "bf16" if capability >= BF16_CAPABILITY else "fp16"
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The first CUDA device's compute capability, or None without one."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
 
 
 def _default_optimizer(config: TrainConfig) -> str:
@@ -128,7 +147,7 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     has_cuda = torch.cuda.is_available()
-    dtype = compute_dtype(config.dtype, has_cuda=has_cuda, bf16_supported=has_cuda and torch.cuda.is_bf16_supported())
+    dtype = compute_dtype(config.dtype, capability=cuda_capability())
     kwargs = dict(dtype=_torch_dtype(dtype))
     quantized = config.load_in_4bit and has_cuda
     if quantized:
@@ -169,11 +188,10 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
 @register("unsloth", optimizer=_default_optimizer)
 def load_unsloth(config: TrainConfig, model_path: str) -> Loaded:
     # Unsloth patches transformers/TRL on import, so it is imported here, first, and nowhere else.
-    import torch
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
-    dtype = compute_dtype(config.dtype, has_cuda=True, bf16_supported=torch.cuda.is_bf16_supported())
+    dtype = compute_dtype(config.dtype, capability=cuda_capability())
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_path,
         max_seq_length=config.max_seq_length,

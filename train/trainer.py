@@ -238,6 +238,42 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def finished_run(config: TrainConfig, output_dir: Path, resume_from: Path | None) -> dict | None:
+    """The summary of a run that already reached --max-steps in this folder (its newest checkpoint, adapter and
+    run.json all at that step), or None. Rerunning the same command after a finished run must not train more:
+    on Colab, rerunning every cell after a disconnect is what users do."""
+    if resume_from is None or config.max_steps == -1:
+        return None
+    step = json.loads((resume_from / "trainer_state.json").read_text()).get("global_step", 0)
+    try:
+        summary = json.loads((output_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    adapter = output_dir / "adapter" / "adapter_model.safetensors"
+    if step >= config.max_steps and summary.get("steps") == step and adapter.is_file():
+        return summary
+    return None
+
+
+def schedule_note(config: TrainConfig, output_dir: Path, resume_from: Path | None) -> str | None:
+    """One line when a finished run is continued on purpose with a larger --max-steps: what happens to the schedule."""
+    if resume_from is None:
+        return None
+    try:
+        previous = json.loads((output_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    done = previous.get("steps")
+    if not done or previous.get("max_steps") != done or config.max_steps in (-1, done):
+        return None
+    if config.lr_scheduler in ("constant", "constant_with_warmup"):
+        return (f"resume: the finished {done}-step run continues to {config.max_steps} steps; the {config.lr_scheduler} "
+                "learning rate is unchanged")
+    return (f"resume: the finished {done}-step run continues to {config.max_steps} steps; the {config.lr_scheduler} "
+            f"learning-rate schedule now spans {config.max_steps} steps, so step {done + 1} restarts from that longer "
+            "schedule's value instead of ending at its end")
+
+
 def run(config: TrainConfig) -> dict:
     started = time.perf_counter()
     output_dir = Path(config.output_dir).expanduser()
@@ -245,6 +281,13 @@ def run(config: TrainConfig) -> dict:
     backend = BACKENDS[backend_name]
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = choose_checkpoint(config, output_dir)
+    finished = finished_run(config, output_dir, resume_from)
+    if finished is not None:
+        log(f"done: the run in {output_dir} is complete ({finished['steps']} steps, --max-steps {config.max_steps}); "
+            f"adapter: {finished['adapter']}. Nothing was changed; raise --max-steps to train further")
+        return finished
+    if note := schedule_note(config, output_dir, resume_from):
+        log(note)
 
     prepared: Prepared = prepare(
         read_rows(config.dataset, config.dataset_split),
