@@ -46,6 +46,29 @@ def test_bf16_asked_of_a_t4_is_a_usage_error_and_explicit_choices_stand():
     assert compute_dtype("fp16", capability=(9, 0)) == "fp16" and compute_dtype("fp32", capability=(7, 5)) == "fp32"
 
 
+def test_a_gpu_torch_cannot_use_is_never_a_silent_fall_back_to_the_cpu():
+    with pytest.raises(UsageError) as caught:
+        select_backend("auto", has_cuda=False, has_unsloth=True, gpu_present=True)
+    (problem,) = caught.value.problems
+    assert problem.startswith("--backend auto: this machine has an NVIDIA GPU (nvidia-smi) but torch ")
+    assert "cannot use it" in problem and "--backend hf to train on the CPU on purpose" in problem
+    # Asked for explicitly, the CPU is a choice; and with no GPU there is nothing to warn about.
+    assert select_backend("hf", has_cuda=False, has_unsloth=True, gpu_present=True) == "hf"
+    assert select_backend("auto", has_cuda=False, has_unsloth=True, gpu_present=False) == "hf"
+
+
+def test_a_failing_unsloth_import_is_one_line(monkeypatch, tiny_model_dir):
+    from train.config import load_preset, TrainConfig
+
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # `import unsloth` now raises ImportError, as a broken install does
+    config = TrainConfig(**load_preset("tiny"))
+    with pytest.raises(UsageError) as caught:
+        BACKENDS["unsloth"].load(config, str(tiny_model_dir))
+    (problem,) = caught.value.problems
+    assert problem.startswith("--backend unsloth: importing unsloth failed (ModuleNotFoundError: import of unsloth")
+    assert "\n" not in problem and "use --backend hf" in problem
+
+
 def test_both_backends_are_registered():
     assert set(BACKENDS) == {"hf", "unsloth"}
 

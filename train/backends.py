@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common.cli import UsageError
+from common.cli import UsageError, first_line
 
 from .config import TrainConfig
 
@@ -57,8 +58,24 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool) -> str:
-    """Resolve --backend. auto: unsloth when a CUDA GPU is present and unsloth installed, else hf.
+def nvidia_gpu_present() -> bool:
+    """Whether the machine has an NVIDIA GPU and driver, whatever torch makes of it."""
+    return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def unusable_gpu_problem() -> str:
+    """The one line for a GPU that is there but that torch cannot use (a torch built for another CUDA)."""
+    import torch
+
+    return (f"--backend auto: this machine has an NVIDIA GPU (nvidia-smi) but torch {torch.__version__} (built for "
+            f"CUDA {torch.version.cuda or 'none: a CPU build'}) cannot use it, and training would fall back to the CPU; "
+            "reinstall a torch that matches the driver (on Colab: restart the runtime to get Colab's own torch back), "
+            "or pass --backend hf to train on the CPU on purpose")
+
+
+def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool, gpu_present: bool = False) -> str:
+    """Resolve --backend. auto: unsloth when a CUDA GPU is present and unsloth installed, else hf; never a silent
+    fall back to the CPU when a GPU is there but torch cannot use it (gpu_present and not has_cuda).
 
     >>> select_backend("auto", has_cuda=False, has_unsloth=True)
     'hf'
@@ -66,6 +83,8 @@ def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool) -> str:
     'unsloth'
     """
     if requested == "auto":
+        if gpu_present and not has_cuda:
+            raise UsageError([unusable_gpu_problem()])
         return "unsloth" if (has_cuda and has_unsloth) else "hf"
     if requested == "unsloth":
         if not has_cuda:
@@ -188,8 +207,13 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
 @register("unsloth", optimizer=_default_optimizer)
 def load_unsloth(config: TrainConfig, model_path: str) -> Loaded:
     # Unsloth patches transformers/TRL on import, so it is imported here, first, and nowhere else.
-    import unsloth  # noqa: F401
-    from unsloth import FastLanguageModel
+    try:
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+    except Exception as error:  # a CUDA, xformers or triton build that does not match torch fails in many ways
+        raise UsageError([f"--backend unsloth: importing unsloth failed ({type(error).__name__}: {first_line(error)}); "
+                          "its CUDA packages do not match the installed torch: reinstall with the project's install "
+                          "step for this machine (README, Train on a Colab T4), or use --backend hf"]) from error
 
     dtype = compute_dtype(config.dtype, capability=cuda_capability())
     model, tokenizer = FastLanguageModel.from_pretrained(

@@ -21,7 +21,14 @@ from common.files import temporary_path, write_json_atomic
 from common.log import stage_logger
 
 from . import checkpoints
-from .backends import BACKENDS, cuda_available, resolve_model_path, select_backend, unsloth_installed
+from .backends import (
+    BACKENDS,
+    cuda_available,
+    nvidia_gpu_present,
+    resolve_model_path,
+    select_backend,
+    unsloth_installed,
+)
 from .checkpoints import ResumeError
 from .config import TrainConfig
 from .data import Prepared, prepare, read_rows, tokenize_all
@@ -277,7 +284,8 @@ def schedule_note(config: TrainConfig, output_dir: Path, resume_from: Path | Non
 def run(config: TrainConfig) -> dict:
     started = time.perf_counter()
     output_dir = Path(config.output_dir).expanduser()
-    backend_name = select_backend(config.backend, has_cuda=cuda_available(), has_unsloth=unsloth_installed())
+    backend_name = select_backend(config.backend, has_cuda=cuda_available(), has_unsloth=unsloth_installed(),
+                                  gpu_present=nvidia_gpu_present())
     backend = BACKENDS[backend_name]
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = choose_checkpoint(config, output_dir)
