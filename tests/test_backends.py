@@ -48,13 +48,13 @@ def test_bf16_asked_of_a_t4_is_a_usage_error_and_explicit_choices_stand():
 
 def test_a_gpu_torch_cannot_use_is_never_a_silent_fall_back_to_the_cpu():
     with pytest.raises(UsageError) as caught:
-        select_backend("auto", has_cuda=False, has_unsloth=True, gpu_present=True)
+        select_backend("auto", has_cuda=False, has_unsloth=True, gpu_unusable=True)
     (problem,) = caught.value.problems
     assert problem.startswith("--backend auto: this machine has an NVIDIA GPU (nvidia-smi) but torch ")
     assert "cannot use it" in problem and "--backend hf to train on the CPU on purpose" in problem
     # Asked for explicitly, the CPU is a choice; and with no GPU there is nothing to warn about.
-    assert select_backend("hf", has_cuda=False, has_unsloth=True, gpu_present=True) == "hf"
-    assert select_backend("auto", has_cuda=False, has_unsloth=True, gpu_present=False) == "hf"
+    assert select_backend("hf", has_cuda=False, has_unsloth=True, gpu_unusable=True) == "hf"
+    assert select_backend("auto", has_cuda=False, has_unsloth=True, gpu_unusable=False) == "hf"
 
 
 def test_a_failing_unsloth_import_is_one_line(monkeypatch, tiny_model_dir):

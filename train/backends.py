@@ -58,9 +58,13 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def nvidia_gpu_present() -> bool:
-    """Whether the machine has an NVIDIA GPU and driver, whatever torch makes of it."""
-    return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/gpus").is_dir()
+def gpu_unusable() -> bool:
+    """Whether the machine has an NVIDIA GPU and driver and a CUDA build of torch that cannot use them (on Colab: a
+    torch for another CUDA than the driver serves). A CPU build of torch on a GPU machine is a choice, not this."""
+    import torch
+
+    present = shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/gpus").is_dir()
+    return present and torch.version.cuda is not None and not torch.cuda.is_available()
 
 
 def unusable_gpu_problem() -> str:
@@ -73,9 +77,9 @@ def unusable_gpu_problem() -> str:
             "or pass --backend hf to train on the CPU on purpose")
 
 
-def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool, gpu_present: bool = False) -> str:
+def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool, gpu_unusable: bool = False) -> str:
     """Resolve --backend. auto: unsloth when a CUDA GPU is present and unsloth installed, else hf; never a silent
-    fall back to the CPU when a GPU is there but torch cannot use it (gpu_present and not has_cuda).
+    fall back to the CPU when a GPU is there but the CUDA build of torch cannot use it (gpu_unusable).
 
     >>> select_backend("auto", has_cuda=False, has_unsloth=True)
     'hf'
@@ -83,7 +87,7 @@ def select_backend(requested: str, *, has_cuda: bool, has_unsloth: bool, gpu_pre
     'unsloth'
     """
     if requested == "auto":
-        if gpu_present and not has_cuda:
+        if gpu_unusable and not has_cuda:
             raise UsageError([unusable_gpu_problem()])
         return "unsloth" if (has_cuda and has_unsloth) else "hf"
     if requested == "unsloth":

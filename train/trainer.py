@@ -24,7 +24,7 @@ from . import checkpoints
 from .backends import (
     BACKENDS,
     cuda_available,
-    nvidia_gpu_present,
+    gpu_unusable,
     resolve_model_path,
     select_backend,
     unsloth_installed,
@@ -285,7 +285,7 @@ def run(config: TrainConfig) -> dict:
     started = time.perf_counter()
     output_dir = Path(config.output_dir).expanduser()
     backend_name = select_backend(config.backend, has_cuda=cuda_available(), has_unsloth=unsloth_installed(),
-                                  gpu_present=nvidia_gpu_present())
+                                  gpu_unusable=gpu_unusable())
     backend = BACKENDS[backend_name]
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = choose_checkpoint(config, output_dir)
