@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.llama import gguf_chat_formatter, open_gguf
 from common.llama3 import EOT_ID, TEMPLATE_DATE
 
 from .gguf import ftype_value
@@ -74,17 +75,11 @@ class Check:
         return asdict(self)
 
 
-def _llama(path: Path, **kwargs):
-    from common.llama import open_gguf
-
-    return open_gguf(path, **kwargs)
-
-
 def load_problem(path: Path) -> str | None:
     """Why llama.cpp cannot load this file as a model (None when it can). Loading maps the file and checks every
     tensor against its size, so a truncated GGUF is caught; nothing is read into memory or computed."""
     try:
-        llm = _llama(path, n_ctx=32, n_batch=32)
+        llm = open_gguf(path, n_ctx=32, n_batch=32)
     except ValueError as error:  # llama-cpp-python: "Failed to load model from file: …"
         return str(error).strip() or type(error).__name__
     llm.close()
@@ -93,7 +88,7 @@ def load_problem(path: Path) -> str | None:
 
 # ---------------------------------------------------------------------- metadata, tokenizer, template
 def check_metadata(path: Path, quant: str, hf_tokenizer) -> list[Check]:
-    llm = _llama(path, vocab_only=True)
+    llm = open_gguf(path, vocab_only=True)
     meta = llm.metadata
     eot = hf_tokenizer.convert_tokens_to_ids("<|eot_id|>")
     checks = [
@@ -113,7 +108,7 @@ def check_metadata(path: Path, quant: str, hf_tokenizer) -> list[Check]:
 
 
 def check_tokenizer(path: Path, hf_tokenizer) -> Check:
-    llm = _llama(path, vocab_only=True)
+    llm = open_gguf(path, vocab_only=True)
     mismatches = []
     for text in TOKENIZER_TEXTS:
         ours = llm.tokenize(text.encode(), add_bos=True, special=True)
@@ -127,9 +122,7 @@ def check_tokenizer(path: Path, hf_tokenizer) -> Check:
 
 def gguf_chat_prompt(path: Path, messages: list[dict], **template_kwargs) -> str:
     """The prompt llama-cpp-python renders for a chat, built from the GGUF as `Llama` builds its handler."""
-    from common.llama import gguf_chat_formatter
-
-    formatter = gguf_chat_formatter(_llama(path, vocab_only=True))
+    formatter = gguf_chat_formatter(open_gguf(path, vocab_only=True))
     if formatter is None:
         return ""  # no template in the GGUF: check_template reports the mismatch
     return formatter(messages=messages, **template_kwargs).prompt
@@ -170,7 +163,7 @@ def hf_logits(merged_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
 
 def gguf_logits(path: Path, sequences: list[list[int]]) -> list[np.ndarray]:
     longest = max(len(ids) for ids in sequences)
-    llm = _llama(path, n_ctx=max(64, longest + 8), logits_all=True, n_batch=max(64, longest + 8))
+    llm = open_gguf(path, n_ctx=max(64, longest + 8), logits_all=True, n_batch=max(64, longest + 8))
     out = []
     for ids in sequences:
         llm.reset()
@@ -231,7 +224,7 @@ def check_quant_logits(file_name: str, quant: str, stats: dict, kld_limit: float
 
 # ---------------------------------------------------------------------- a real chat
 def check_chat(path: Path) -> Check:
-    llm = _llama(path, n_ctx=512)
+    llm = open_gguf(path, n_ctx=512)
     response = llm.create_chat_completion(
         messages=[{"role": "user", "content": "Say hello in one short sentence."}],
         max_tokens=24, temperature=0.0, seed=0)

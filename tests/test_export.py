@@ -131,18 +131,23 @@ def _processes_writing_into(folder: Path) -> list[int]:
     return found
 
 
-def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, tmp_path):
-    out = tmp_path / "killed-convert"
-    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(trained_adapter), "--out",
-               str(out), "--quant", "q4_k_m"]
+def _sigkill_export_once(adapter: Path, out: Path, reached, stage: str) -> None:
+    """Start a q4_k_m export into `out` and SIGKILL it as soon as `reached()` says it is in `stage`."""
+    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(adapter), "--out", str(out),
+               "--quant", "q4_k_m"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not _processes_writing_into(out):
-        assert process.poll() is None, "export ended before conversion started"
+    while not reached():
+        assert process.poll() is None, f"export ended before {stage} started"
         assert time.time() < deadline
-        time.sleep(0.01)
+        time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, tmp_path):
+    out = tmp_path / "killed-convert"
+    _sigkill_export_once(trained_adapter, out, lambda: _processes_writing_into(out), "conversion")
     deadline = time.time() + 10
     while _processes_writing_into(out) and time.time() < deadline:
         time.sleep(0.05)
@@ -154,16 +159,7 @@ def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, 
 
 def test_sigkill_during_quantization_leaves_no_partial_file(trained_adapter, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(trained_adapter), "--out",
-               str(out), "--quant", "q4_k_m"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(out.glob(f".{NAME}-Q4_K_M.gguf.tmp-*")):
-        assert process.poll() is None, "export ended before quantization started"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    _sigkill_export_once(trained_adapter, out, lambda: list(out.glob(f".{NAME}-Q4_K_M.gguf.tmp-*")), "quantization")
     assert not (out / f"{NAME}-Q4_K_M.gguf").exists()
     assert (out / f"{NAME}-F16.gguf").is_file()  # completed stages stay
 

@@ -245,30 +245,28 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def finished_run(config: TrainConfig, output_dir: Path, resume_from: Path | None) -> dict | None:
-    """The summary of a run that already reached --max-steps in this folder (its newest checkpoint, adapter and
-    run.json all at that step), or None. Rerunning the same command after a finished run must not train more:
-    on Colab, rerunning every cell after a disconnect is what users do."""
-    if resume_from is None or config.max_steps == -1:
-        return None
-    step = json.loads((resume_from / "trainer_state.json").read_text()).get("global_step", 0)
+def previous_run(output_dir: Path) -> dict:
+    """The run.json an earlier run of this folder wrote when it finished ({} when there is none or it is unreadable)."""
     try:
-        summary = json.loads((output_dir / "run.json").read_text())
+        return json.loads((output_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
+
+
+def is_finished(config: TrainConfig, output_dir: Path, previous: dict, resume_from: Path | None) -> bool:
+    """Whether the run in this folder already reached --max-steps (its newest checkpoint, adapter and run.json all at
+    that step). Rerunning the same command after a finished run must not train more: on Colab, rerunning every
+    cell after a disconnect is what users do."""
+    if resume_from is None or config.max_steps == -1:
+        return False
+    step = json.loads((resume_from / "trainer_state.json").read_text()).get("global_step", 0)
     adapter = output_dir / "adapter" / "adapter_model.safetensors"
-    if step >= config.max_steps and summary.get("steps") == step and adapter.is_file():
-        return summary
-    return None
+    return step >= config.max_steps and previous.get("steps") == step and adapter.is_file()
 
 
-def schedule_note(config: TrainConfig, output_dir: Path, resume_from: Path | None) -> str | None:
+def schedule_note(config: TrainConfig, previous: dict, resume_from: Path | None) -> str | None:
     """One line when a finished run is continued on purpose with a larger --max-steps: what happens to the schedule."""
     if resume_from is None:
-        return None
-    try:
-        previous = json.loads((output_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
         return None
     done = previous.get("steps")
     if not done or previous.get("max_steps") != done or config.max_steps in (-1, done):
@@ -289,12 +287,12 @@ def run(config: TrainConfig) -> dict:
     backend = BACKENDS[backend_name]
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = choose_checkpoint(config, output_dir)
-    finished = finished_run(config, output_dir, resume_from)
-    if finished is not None:
-        log(f"done: the run in {output_dir} is complete ({finished['steps']} steps, --max-steps {config.max_steps}); "
-            f"adapter: {finished['adapter']}. Nothing was changed; raise --max-steps to train further")
-        return finished
-    if note := schedule_note(config, output_dir, resume_from):
+    previous = previous_run(output_dir)
+    if is_finished(config, output_dir, previous, resume_from):
+        log(f"done: the run in {output_dir} is complete ({previous['steps']} steps, --max-steps {config.max_steps}); "
+            f"adapter: {previous['adapter']}. Nothing was changed; raise --max-steps to train further")
+        return previous
+    if note := schedule_note(config, previous, resume_from):
         log(note)
 
     prepared: Prepared = prepare(
