@@ -17,6 +17,8 @@ export section).
 Sections, each measurement repeated, median reported:
   bandwidth   this machine's memory read bandwidth: the ceiling of batch-1 generation
   training    the tiny preset on CPU (scripts/bench_train.py); unsloth vs hf needs a CUDA GPU
+  startup     training start-up on a 100,000-row, 249 MB FineTome-shaped file: time to the first optimizer step
+              and peak RSS, fresh and after a SIGKILL (resume)
   export      merge, convert, quantize (wall time, peak RSS) for 1B and 3B; our streaming merge vs loading the model
               and PEFT's merge_and_unload
   generation  batch-1 tokens/s, ~100-token prompt, 128 new tokens, greedy: llama-cpp-python on q4_k_m vs

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench import REPO, log, training
+from bench import REPO, log, startup, training
 from bench.summary import gb, misses, summary, targets_table
 from common.files import temporary_path, write_text_atomic
 from common.machine import usable_cpus
@@ -197,6 +197,8 @@ def render_report(results: dict, s: dict) -> str:
         t = sections["training"]
         lines += [training.render(t, t["measured"], f"python scripts/bench.py --sections training --repeats "
                                                     f"{t['repeats']}"), ""]
+    if "startup" in sections:
+        lines += startup.render(sections["startup"])
     if "buffers" in sections:
         b, sb = sections["buffers"], s["buffers"]
         lines += ["## llama.cpp's extra buffer types: the cost of the AMX safe path", "",

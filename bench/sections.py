@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench import log, training
+from bench import log, startup, training
 from bench.harness import measured
 from bench.report import RESULTS
 from bench.shapes import PUBLISHED_PARAMETERS, build_adapter, build_base
@@ -20,7 +20,7 @@ from common.files import write_text_atomic
 from common.llama import extra_buffers, system_info
 from common.machine import cpu_name, usable_cpus
 
-SECTIONS = ("bandwidth", "training", "export", "generation", "space", "buffers")
+SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers")
 
 
 class Paths:
@@ -90,6 +90,8 @@ def run_sections(args, results: dict) -> None:
     if "training" in args.sections:
         log("training (tiny preset, real CLI)")
         save("training", training.measure(args.repeats, 10))
+    if "startup" in args.sections:
+        save("startup", {"cpu": cpu_name(), "cores": usable_cpus(), **startup.measure(args.work, args.repeats)})
     if "export" in args.sections:
         save("export", {paths.size: export_section(paths, args.export_repeats) for paths in sizes})
     if "generation" in args.sections or "space" in args.sections:

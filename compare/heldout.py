@@ -53,7 +53,7 @@ def eval_split(config: Mapping, origin: str) -> HeldOut:
             from error
     if not count:
         raise ValueError(f"{origin} held out no conversations (eval_samples 0); give a .jsonl file instead")
-    prepared = prepare(read_rows(dataset, split), seed=seed, eval_samples=count, min_score=min_score)
+    prepared = prepare(dataset, split, seed=seed, eval_samples=count, min_score=min_score)
     return HeldOut(prepared.eval, f"the eval split of {origin}: {len(prepared.eval)} of {prepared.total_rows} rows "
                                   f"of `{dataset}`, seed {seed}")
 

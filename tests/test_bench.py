@@ -134,3 +134,33 @@ def test_bad_arguments_are_reported_at_once(tmp_path):
                              "--repeats", "0"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line.split(":")[1].strip() for line in result.stderr.splitlines()] == ["--sections", "--sizes", "--repeats 0"]
+
+
+def test_finetome_shaped_rows_have_the_schema_and_the_mean_size():
+    import json
+
+    from bench.startup import finetome_shaped_lines
+    from train.data import standardize_row
+
+    lines = list(finetome_shaped_lines(count=400, mean_bytes=2490))
+    mean = sum(len(line.encode()) + 1 for line in lines) / len(lines)
+    assert abs(mean - 2490) / 2490 < 0.01
+    rows = [json.loads(line) for line in lines]
+    assert all(standardize_row(row) for row in rows) and all({"source", "score"} <= set(row) for row in rows)
+    assert len({row["conversations"][0]["value"] for row in rows}) == 400  # no two rows alike
+
+
+def test_startup_section_renders_against_its_targets():
+    run = {"ready_s": 30.0, "ready_peak_rss": 1.5e9, "first_step": 1, "first_step_s": 50.0, "peak_rss": 4e9,
+           "reused": False}
+    resumed = {**run, "ready_s": 12.0, "first_step": 2, "first_step_s": 30.0, "reused": True}
+    section = {"measured": "2026-12-02 22:00", "cpu": "Test CPU", "cores": 2, "rows": 100_000,
+               "dataset_bytes": 249_000_000, "command": "--preset tiny", "runs": {"fresh": [run], "resume": [resumed]}}
+    s = summary.summary({"sections": {"startup": section}})
+    assert [ok for _, _, ok, _ in summary.target_rows(s)] == ["**met**"] * 3
+    s["startup"]["fresh"]["ready_peak_rss"] = 2.5e9
+    assert [ok for _, _, ok, _ in summary.target_rows(s)] == ["**met**", "**missed**", "**met**"]
+    from bench.startup import render
+
+    text = "\n".join(render(section))
+    assert "| fresh | **30.0 s** |" in text and "| resume | **12.0 s** |" in text and "1.50 GB" in text

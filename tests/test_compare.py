@@ -67,7 +67,7 @@ def test_assistant_mask_matches_training_labels(tiny_gguf, tokenizer):
 
 def test_default_heldout_is_the_tiny_runs_eval_split():
     sample = REPO / "train" / "data" / "finetome_sample.jsonl"
-    expected = prepare(read_rows(sample), seed=3407, eval_samples=10)
+    expected = prepare(sample, seed=3407, eval_samples=10)
     assert load_heldout(None).conversations == expected.eval
     assert not any(conversation in expected.train for conversation in expected.eval)
 
@@ -75,7 +75,7 @@ def test_default_heldout_is_the_tiny_runs_eval_split():
 def test_heldout_from_a_run_folder_and_from_a_file(trained_adapter, tmp_path):
     run = json.loads((trained_adapter.parent / "run.json").read_text())["config"]
     from_run = load_heldout(str(trained_adapter.parent))
-    expected = prepare(read_rows(run["dataset"]), seed=run["seed"], eval_samples=run["eval_samples"]).eval
+    expected = prepare(run["dataset"], seed=run["seed"], eval_samples=run["eval_samples"]).eval
     assert from_run.conversations == expected and len(expected) == run["eval_samples"]
 
     rows = tmp_path / "held.jsonl"

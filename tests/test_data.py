@@ -3,10 +3,20 @@
 import json
 
 import pytest
-
 from conftest import SAMPLE, run_cli
-from train.data import (IGNORE_INDEX, BadRow, DataError, assistant_spans, prepare, read_rows, standardize_row,
-                        tokenize_all, tokenize_conversation)
+
+from train.data import (
+    IGNORE_INDEX,
+    BadRow,
+    DataError,
+    assistant_spans,
+    prepare,
+    read_rows,
+    split_rows,
+    standardize_row,
+    tokenize_conversation,
+)
+from train.prepared import tokenize_rows
 
 
 def sharegpt(*turns, **extra):
@@ -48,7 +58,7 @@ def test_bad_rows_are_skipped_and_reported_with_row_numbers(tmp_path):
     good = sharegpt(("human", "Hi"), ("gpt", "Hello."), score=4.0)
     path = write_jsonl(tmp_path / "mixed.jsonl", [good, "{not json", sharegpt(("human", "Hi")), good,
                                                    {"conversations": [{"from": "bot", "value": "x"}]}, good])
-    prepared = prepare(read_rows(path), seed=1)
+    prepared = prepare(path, seed=1)
     assert len(prepared.train) == 3 and prepared.total_rows == 6
     assert [number for number, _ in prepared.skipped] == [2, 3, 5]
     assert "unparseable JSON" in prepared.skipped[0][1]
@@ -59,9 +69,11 @@ def test_bad_rows_are_skipped_and_reported_with_row_numbers(tmp_path):
 def test_no_good_rows_is_a_data_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{oops", sharegpt(("human", "Hi"))])
     with pytest.raises(DataError, match="no usable conversations: all 2 rows were bad .first: row 1"):
-        prepare(read_rows(path), seed=1)
+        prepare(path, seed=1)
     with pytest.raises(DataError, match="not found"):
         list(read_rows(tmp_path / "absent.jsonl"))
+    with pytest.raises(DataError, match="not found"):
+        prepare(tmp_path / "absent.jsonl", seed=1)
 
 
 def test_json_and_parquet_files_read_like_jsonl(tmp_path):
@@ -71,23 +83,73 @@ def test_json_and_parquet_files_read_like_jsonl(tmp_path):
     rows = [sharegpt(("human", f"Q{i}"), ("gpt", f"A{i}"), source="s", score=4.0 + i / 10) for i in range(5)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
-    from_json = prepare(read_rows(tmp_path / "rows.json"), seed=3)
-    from_parquet = prepare(read_rows(tmp_path / "rows.parquet"), seed=3)
-    assert from_json.train == from_parquet.train and len(from_json.train) == 5
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    from_json = prepare(tmp_path / "rows.json", seed=3)
+    from_parquet = prepare(tmp_path / "rows.parquet", seed=3)
+    from_jsonl = prepare(tmp_path / "rows.jsonl", seed=3)
+    assert from_json.train == from_parquet.train == from_jsonl.train and len(from_json.train) == 5
+
+
+def test_arrow_rows_mixing_the_two_spellings_standardise(tmp_path):
+    # In Parquet every turn carries every field of the column's struct; a spelling a turn does not use is None.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    pq.write_table(pa.Table.from_pylist([row, row]), tmp_path / "mixed.parquet")
+    assert prepare(tmp_path / "mixed.parquet", seed=1).train == [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]] * 2
 
 
 def test_shuffle_split_filters_are_deterministic():
-    rows = list(read_rows(SAMPLE))
-    a = prepare(rows, seed=3407, eval_samples=10, max_samples=50)
-    b = prepare(rows, seed=3407, eval_samples=10, max_samples=50)
-    c = prepare(rows, seed=1, eval_samples=10, max_samples=50)
+    a = prepare(SAMPLE, seed=3407, eval_samples=10, max_samples=50)
+    b = prepare(SAMPLE, seed=3407, eval_samples=10, max_samples=50)
+    c = prepare(SAMPLE, seed=1, eval_samples=10, max_samples=50)
     assert a.train == b.train and a.eval == b.eval and a.train != c.train
     assert len(a.train) == 50 and len(a.eval) == 10
     assert not any(conversation in a.train for conversation in a.eval)
     # --max-samples never moves a conversation between eval and train
-    assert prepare(rows, seed=3407, eval_samples=10).eval == a.eval
-    scored = prepare(rows, seed=3407, min_score=3.5)
+    assert prepare(SAMPLE, seed=3407, eval_samples=10).eval == a.eval
+    scored = prepare(SAMPLE, seed=3407, min_score=3.5)
+    rows = list(read_rows(SAMPLE))
     assert scored.below_min_score >= 5 and len(scored.train) == len(rows) - scored.below_min_score
+    assert all(row["score"] >= 3.5 for _, row in rows if standardize_row(row) in scored.train)
+
+
+def test_split_orders_rows_as_shuffling_the_conversations_did():
+    # Earlier versions shuffled the list of conversations itself; runs and eval splits made then must not move.
+    import random
+
+    conversations = [standardize_row(row) for _, row in read_rows(SAMPLE)]
+    reference = list(conversations)
+    random.Random(3407).shuffle(reference)
+    prepared = prepare(SAMPLE, seed=3407, eval_samples=10)
+    assert prepared.eval == reference[:10] and prepared.train == reference[10:]
+    eval_rows, train_rows = split_rows([5, 7, 9], seed=0, eval_samples=5)  # always one left to train on
+    assert len(eval_rows) == 2 and len(train_rows) == 1 and sorted(eval_rows + train_rows) == [5, 7, 9]
+
+
+def test_blank_lines_are_not_rows_and_row_numbers_are_line_numbers(tmp_path):
+    good = sharegpt(("human", "Hi"), ("gpt", "Hello."))
+    path = write_jsonl(tmp_path / "gaps.jsonl", [good, "", "   ", "{bad", good])
+    prepared = prepare(path, seed=1)
+    assert prepared.total_rows == 3 and prepared.skipped[0][0] == 4
+    assert [number for number, _ in read_rows(path)] == [1, 4, 5]
+
+
+def test_a_large_file_is_scanned_in_parallel_with_the_same_result(tmp_path, monkeypatch):
+    from train import data
+
+    rows = [row for _, row in read_rows(SAMPLE)]
+    lines = [json.dumps(rows[i % len(rows)]) if i % 97 else "{broken" for i in range(1, 2001)]
+    path = write_jsonl(tmp_path / "many.jsonl", lines)
+    serial = prepare(path, seed=5, eval_samples=20)
+    monkeypatch.setattr(data, "PARALLEL_FROM", 100)
+    monkeypatch.setattr(data, "usable_cpus", lambda: 2)
+    assert data.worker_count(2000) == 2
+    parallel = prepare(path, seed=5, eval_samples=20)
+    assert parallel.train_rows == serial.train_rows and parallel.eval_rows == serial.eval_rows
+    assert parallel.skipped == serial.skipped and len(serial.skipped) == 20
 
 
 def test_shipped_sample_is_clean_and_varied():
@@ -156,11 +218,13 @@ def test_assistant_spans_cover_answers_not_headers(tokenizer):
     assert [text[a:b] for a, b in spans] == ["4.<|eot_id|>"]
 
 
-def test_truncation_keeps_the_start_and_drops_conversations_left_without_answers(tokenizer):
+def test_truncation_keeps_the_start_and_drops_conversations_left_without_answers(tokenizer, tmp_path):
     long_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
-    examples, truncated, dropped = tokenize_all([CONVERSATIONS[0], long_prompt], tokenizer, max_seq_length=128)
+    path = write_jsonl(tmp_path / "two.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": long_prompt}])
+    prepared = prepare(path, seed=1)
+    examples, truncated, dropped = tokenize_rows(prepared, [0, 1], tokenizer, max_seq_length=128, key="t")
     assert (len(examples), truncated, dropped) == (1, 1, 1)
-    assert all(len(e["input_ids"]) <= 128 for e in examples)
+    assert examples[0] == tokenize_conversation(CONVERSATIONS[0], tokenizer)
 
 
 def test_cli_reports_bad_rows_and_fails_cleanly_without_good_ones(tmp_path, tiny_model_dir):

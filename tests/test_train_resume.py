@@ -106,6 +106,8 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(reference_run, tmp_path):
     resumed = run_cli("train/run.py", *ARGS, "--output-dir", str(out), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: continuing from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+    assert f"data: reusing what was prepared in {out / 'data'}" in resumed.stdout  # nothing read or tokenized again
+    assert "data: tokenized" not in resumed.stdout
     assert max_difference(adapter_weights(out / "adapter"), adapter_weights(reference / "adapter")) <= 1e-6
     expected, got = logged_losses(reference), logged_losses(out)
     for step in (5, 6):

@@ -1,10 +1,12 @@
 """FineTome rows -> role/content messages -> token ids with assistant-only labels.
 
-Pure functions, no model needed (a tokenizer for the last step). The flow:
+Rows are read into Arrow (Hugging Face `datasets`: memory-mapped, so a 250 MB FineTome file costs disk, not RAM)
+and scanned once in parallel; only the conversations a run uses are ever turned into Python objects. The flow:
 
-    rows = read_rows("train/data/finetome_sample.jsonl")        # (row number, raw row or parse error)
-    prepared = prepare(rows, seed=3407, eval_samples=10)        # standardise, filter, shuffle, split
-    example = tokenize_conversation(messages, tokenizer)       # {"input_ids", "labels"}
+    prepared = prepare("train/data/finetome_sample.jsonl", seed=3407, eval_samples=10)  # scan, shuffle, split
+    prepared.eval                         # [[{"role", "content"}, ...], ...], materialised on access
+    prepared.conversations(prepared.train_rows[:480])                                  # just what 60 steps use
+    example = tokenize_conversation(messages, tokenizer)                              # {"input_ids", "labels"}
 
 FineTome-100k rows look like ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}],
 "source": ..., "score": ...}. Rows already in {"messages": [{"role", "content"}]} form are accepted too.
@@ -14,13 +16,19 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from common.llama3 import TEMPLATE_DATE  # passed explicitly: the same token ids whatever the day (exact resume)
+from common.llama3 import (
+    TEMPLATE_DATE,  # passed explicitly: the same token ids whatever the day (exact resume)
+)
+from common.machine import usable_cpus
 
 IGNORE_INDEX = -100  # what PyTorch's cross-entropy (and so every HF model) skips
+PARALLEL_FROM = 20_000  # rows; below this, worker processes cost more than they save
 
 # Roles as FineTome/ShareGPT spell them, and the chat-template role each becomes.
 ROLE_ALIASES = {
@@ -28,6 +36,10 @@ ROLE_ALIASES = {
     "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "system": "system",
 }
+
+# What the scan writes for each row.
+GOOD, BAD, BELOW_MIN_SCORE, BLANK = 0, 1, 2, 3
+
 
 class BadRow(ValueError):
     """A row that cannot be trained on; the message says why."""
@@ -37,84 +49,77 @@ class DataError(RuntimeError):
     """The dataset as a whole is unusable (missing file, nothing left after filtering)."""
 
 
-@dataclass
-class Prepared:
-    train: list[list[dict[str, str]]]
-    eval: list[list[dict[str, str]]]
-    total_rows: int
-    skipped: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
-    below_min_score: int = 0
-
-    def summary(self, show: int = 5) -> list[str]:
-        lines = [f"data: {self.total_rows} rows read, {len(self.train)} train / {len(self.eval)} eval conversations"]
-        if self.below_min_score:
-            lines.append(f"data: {self.below_min_score} rows below --min-score dropped")
-        if self.skipped:
-            lines.append(f"data: skipped {len(self.skipped)} bad rows; first {min(show, len(self.skipped))}:")
-            lines += [f"  row {number}: {reason}" for number, reason in self.skipped[:show]]
-        return lines
+def worker_count(rows: int) -> int | None:
+    """Processes for a `datasets.map` over `rows` rows: None (this process) for small inputs."""
+    return min(usable_cpus(), 8) if rows >= PARALLEL_FROM and usable_cpus() > 1 else None
 
 
 # ---------------------------------------------------------------------- reading
-def read_rows(dataset: str | Path, split: str = "train") -> Iterator[tuple[int, Any]]:
-    """Yield (row number, row) pairs; a row that cannot be parsed is yielded as a BadRow.
+def load_rows(dataset: str | Path, split: str = "train", cache_dir: Path | None = None):
+    """The dataset as an Arrow-backed `datasets.Dataset`, one row per line/record, and whether rows are JSON text.
 
-    Row numbers are 1-based: the line number in a .jsonl file, the position otherwise.
+    A .jsonl file is read as text lines, each parsed later by the scan: one unparseable line is then one skipped
+    row, not a failed load (datasets' JSON loader refuses the whole file). Row i is line i + 1.
     """
+    import datasets
+
     from .config import resolve_local_path
 
+    datasets.disable_progress_bars()
     path = resolve_local_path(str(dataset))
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet"):
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
-        if suffix == ".jsonl":
-            yield from _read_jsonl(path)
-        elif suffix == ".json":
-            yield from _read_json(path)
-        else:
-            import pyarrow.parquet as pq
-
-            for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-                yield number, row
-        return
-    yield from _read_hub(str(dataset), split)
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, BadRow(f"unparseable JSON ({e.msg} at column {e.colno})")
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        try:
+            return datasets.load_dataset(str(dataset), split=split), False
+        except Exception as e:  # offline, unknown repo, unknown split: one clear line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"could not load dataset {dataset!r} (split {split!r}) from the Hub: {first}") from e
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    cache = str(cache_dir) if cache_dir else None
+    if suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache), False
+    if suffix == ".json":
+        rows = _json_list(path)
+        if rows is not None:  # a JSON document; otherwise it is really JSON Lines, read below
+            return datasets.Dataset.from_dict({"text": [json.dumps(row) for row in rows]}), True
+    return datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=cache,
+                                 encoding_errors="replace"), True
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _json_list(path: Path) -> list | None:
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError:
-        yield from _read_jsonl(path)  # many ".json" files are really JSON Lines
-        return
+        return None
     if isinstance(data, dict):  # {"train": [...]} or a single row
         data = data.get("train", data.get("data", [data]))
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    yield from enumerate(data, start=1)
+    return data
 
 
-def _read_hub(dataset_id: str, split: str) -> Iterator[tuple[int, Any]]:
-    import datasets
-
+def decode(record: dict, encoded: bool) -> Any:
+    """One Arrow record back into the raw row (a BadRow for a line that is not JSON, None for a blank line)."""
+    if not encoded:
+        return record
+    line = record["text"]
+    if not line.strip():
+        return None
     try:
-        data = datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # offline, unknown repo, unknown split: one clear line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load dataset {dataset_id!r} (split {split!r}) from the Hub: {first}") from e
-    yield from enumerate(data, start=1)
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRow(f"unparseable JSON ({e.msg} at column {e.colno})")
+
+
+def read_rows(dataset: str | Path, split: str = "train") -> Iterator[tuple[int, Any]]:
+    """(row number, row) pairs, 1-based; a row that cannot be parsed is a BadRow, blank lines are left out."""
+    with tempfile.TemporaryDirectory(prefix="finetome-rows-") as cache:
+        rows, encoded = load_rows(dataset, split, Path(cache))
+        for index, record in enumerate(rows):
+            row = decode(record, encoded)
+            if row is not None:
+                yield index + 1, row
 
 
 # ---------------------------------------------------------------------- standardising
@@ -140,9 +145,12 @@ def standardize_row(row: Any) -> list[dict[str, str]]:
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRow(f"turn {index} is not an object")
-        # Tolerate a row that mixes the two spellings, as some ShareGPT exports do.
-        role = turn.get(role_key, turn.get("role" if role_key == "from" else "from"))
-        text = turn.get(text_key, turn.get("content" if text_key == "value" else "value"))
+        # Tolerate a row that mixes the two spellings, as some ShareGPT exports do (in Arrow, a spelling a turn
+        # does not use is present as None).
+        role = turn.get(role_key)
+        role = turn.get("role" if role_key == "from" else "from") if role is None else role
+        text = turn.get(text_key)
+        text = turn.get("content" if text_key == "value" else "value") if text is None else text
         if role is None:
             raise BadRow(f"turn {index} has no '{role_key}'")
         if text is None:
@@ -171,44 +179,147 @@ def _check_order(messages: list[dict[str, str]]) -> None:
         raise BadRow("wrong order: the conversation ends with a user turn")
 
 
-def prepare(
-    rows: Iterable[tuple[int, Any]],
-    *,
-    seed: int,
-    eval_samples: int = 0,
-    max_samples: int | None = None,
-    min_score: float | None = None,
-) -> Prepared:
-    """Standardise every row, drop bad ones, filter by score, shuffle with the seed, split off eval.
+# ---------------------------------------------------------------------- scanning and splitting
+def _classify(batch: dict, encoded: bool, min_score: float | None) -> dict:
+    """datasets.map function: the status of each row of a batch (GOOD, BAD, BELOW_MIN_SCORE, BLANK) and why."""
+    count = len(next(iter(batch.values())))
+    status, reasons = [], []
+    for i in range(count):
+        row = decode({key: values[i] for key, values in batch.items()}, encoded)
+        reason = None
+        if row is None:
+            code = BLANK
+        else:
+            try:
+                standardize_row(row)
+                code = GOOD
+                if min_score is not None:
+                    score = row.get("score")
+                    if not isinstance(score, (int, float)) or score < min_score:
+                        code = BELOW_MIN_SCORE
+            except BadRow as e:
+                code, reason = BAD, str(e)
+        status.append(code)
+        reasons.append(reason)
+    return {"status": status, "reason": reasons}
 
-    The eval split is taken before --max-samples caps the training split, so changing --max-samples
-    never moves a conversation from eval into training.
+
+@dataclass
+class Scan:
+    """Every row read once: which are usable (`good`, row indices in file order) and why the others are not."""
+
+    rows: Any  # datasets.Dataset, memory-mapped
+    encoded: bool
+    good: list[int]
+    total_rows: int
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
+    below_min_score: int = 0
+    workspace: Any = None  # the TemporaryDirectory holding the Arrow files, removed with this object
+
+    def conversations(self, indices: Sequence[int]) -> list[list[dict[str, str]]]:
+        """The standardised conversations of these rows, in this order."""
+        records = self.rows.select(indices) if len(indices) else []
+        return [standardize_row(decode(record, self.encoded)) for record in records]
+
+
+def scan(dataset: str | Path, split: str = "train", *, min_score: float | None = None,
+         work_dir: Path | None = None) -> Scan:
+    """Read every row into Arrow and classify it (in parallel on large inputs); DataError when none is usable.
+
+    The Arrow files live in a temporary folder inside `work_dir` (the system's otherwise), removed with the Scan.
     """
-    good, skipped, below, total = [], [], 0, 0
-    for number, row in rows:
-        total += 1
-        try:
-            messages = standardize_row(row)
-        except BadRow as e:
-            skipped.append((number, str(e)))
-            continue
-        if min_score is not None:
-            score = row.get("score")
-            if not isinstance(score, (int, float)) or score < min_score:
-                below += 1
-                continue
-        good.append(messages)
+    import numpy as np
+
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    workspace = tempfile.TemporaryDirectory(prefix=".scan-", dir=work_dir)
+    rows, encoded = load_rows(dataset, split, Path(workspace.name))
+    classified = rows.map(_classify, batched=True, batch_size=1000, remove_columns=rows.column_names,
+                          fn_kwargs={"encoded": encoded, "min_score": min_score}, num_proc=worker_count(len(rows)),
+                          cache_file_name=str(Path(workspace.name) / "scan.arrow"), new_fingerprint="scan")
+    status = np.asarray(classified.with_format("numpy")["status"])
+    good = np.flatnonzero(status == GOOD).tolist()
+    bad = np.flatnonzero(status == BAD).tolist()
+    reasons = classified.select(bad)["reason"] if bad else []
+    skipped = [(index + 1, reason) for index, reason in zip(bad, reasons)]
+    total, below = int((status != BLANK).sum()), int((status == BELOW_MIN_SCORE).sum())
     if not good:
         reason = f"all {total} rows were bad" if skipped and not below else (
             f"{below} rows below --min-score {min_score}, {len(skipped)} bad" if total else "the dataset is empty")
         first = f" (first: row {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise DataError(f"no usable conversations: {reason}{first}")
-    random.Random(seed).shuffle(good)
-    eval_count = min(eval_samples, len(good) - 1)  # always leave at least one to train on
-    eval_split, train_split = good[:eval_count], good[eval_count:]
-    if max_samples is not None:
-        train_split = train_split[:max_samples]
-    return Prepared(train_split, eval_split, total, skipped, below)
+    return Scan(rows, encoded, good, total, skipped, below, workspace)
+
+
+def split_rows(good: Sequence[int], *, seed: int, eval_samples: int = 0,
+               max_samples: int | None = None) -> tuple[list[int], list[int]]:
+    """(eval rows, train rows): the usable rows shuffled with the seed, eval taken first.
+
+    The eval split is taken before --max-samples caps the training split, so changing --max-samples never moves a
+    conversation from eval into training. random.shuffle's permutation depends only on the length, so shuffling
+    row indices orders conversations exactly as shuffling the conversations themselves did.
+    """
+    order = list(good)
+    random.Random(seed).shuffle(order)
+    eval_count = min(eval_samples, len(order) - 1)  # always leave at least one to train on
+    train = order[eval_count:]
+    return order[:eval_count], train[:max_samples] if max_samples is not None else train
+
+
+@dataclass
+class Prepared:
+    """A scanned dataset split into eval and train rows; conversations are materialised only when asked for."""
+
+    source: Scan
+    eval_rows: list[int]
+    train_rows: list[int]
+
+    @property
+    def total_rows(self) -> int:
+        return self.source.total_rows
+
+    @property
+    def skipped(self) -> list[tuple[int, str]]:
+        return self.source.skipped
+
+    @property
+    def below_min_score(self) -> int:
+        return self.source.below_min_score
+
+    @property
+    def eval(self) -> list[list[dict[str, str]]]:
+        return self.source.conversations(self.eval_rows)
+
+    @property
+    def train(self) -> list[list[dict[str, str]]]:
+        return self.source.conversations(self.train_rows)
+
+    def conversations(self, rows: Sequence[int]) -> list[list[dict[str, str]]]:
+        return self.source.conversations(rows)
+
+    def summary(self, show: int = 5) -> list[str]:
+        return data_summary(self.total_rows, len(self.train_rows), len(self.eval_rows), self.skipped,
+                            self.below_min_score, show)
+
+
+def data_summary(total: int, train: int, evaluation: int, skipped: Sequence, below: int, show: int = 5,
+                 skipped_count: int | None = None) -> list[str]:
+    lines = [f"data: {total} rows read, {train} train / {evaluation} eval conversations"]
+    if below:
+        lines.append(f"data: {below} rows below --min-score dropped")
+    count = len(skipped) if skipped_count is None else skipped_count
+    if count:
+        lines.append(f"data: skipped {count} bad rows; first {min(show, len(skipped))}:")
+        lines += [f"  row {number}: {reason}" for number, reason in list(skipped)[:show]]
+    return lines
+
+
+def prepare(dataset: str | Path, split: str = "train", *, seed: int, eval_samples: int = 0,
+            max_samples: int | None = None, min_score: float | None = None, work_dir: Path | None = None) -> Prepared:
+    """Scan the dataset, drop bad rows, filter by score, shuffle with the seed, split off eval."""
+    source = scan(dataset, split, min_score=min_score, work_dir=work_dir)
+    eval_rows, train_rows = split_rows(source.good, seed=seed, eval_samples=eval_samples, max_samples=max_samples)
+    return Prepared(source, eval_rows, train_rows)
 
 
 # ---------------------------------------------------------------------- tokenising
@@ -256,22 +367,3 @@ def tokenize_conversation(messages, tokenizer) -> dict[str, list[int]]:
         if span_index < len(spans) and char_start >= spans[span_index][0] and char_end > char_start:
             labels[position] = input_ids[position]
     return {"input_ids": input_ids, "labels": labels}
-
-
-def tokenize_all(conversations, tokenizer, max_seq_length: int) -> tuple[list[dict[str, list[int]]], int, int]:
-    """Tokenise a split; returns (examples, truncated count, dropped count).
-
-    A conversation cut so short that no assistant token is left has nothing to learn from: dropped.
-    """
-    examples, truncated, dropped = [], 0, 0
-    for messages in conversations:
-        full = tokenize_conversation(messages, tokenizer)
-        if len(full["input_ids"]) > max_seq_length:
-            truncated += 1
-        example = {key: value[:max_seq_length] for key, value in full.items()}
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            dropped += 1
-            continue
-        examples.append(example)
-    return examples, truncated, dropped
-

@@ -19,6 +19,7 @@ from pathlib import Path
 from common.cli import UsageError
 from common.files import temporary_path, write_json_atomic
 from common.log import stage_logger
+from common.machine import process_age
 
 from . import checkpoints
 from .backends import (
@@ -31,7 +32,7 @@ from .backends import (
 )
 from .checkpoints import ResumeError
 from .config import TrainConfig
-from .data import Prepared, prepare, read_rows, tokenize_all
+from .prepared import PreparedStore, summary_lines, train_rows_needed
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "unsloth",
              "unsloth_zoo", "bitsandbytes")
@@ -111,11 +112,20 @@ def _callbacks(config: TrainConfig, output_dir: Path):
                             dynamic_ncols=True, file=sys.stdout,
                             disable=not state.is_world_process_zero)  # one bar under `accelerate launch`
             self.postfix = {}
+            if state.is_world_process_zero and (age := process_age()) is not None:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+                self.bar.write(f"start-up: ready to train {age:.1f} s after the command started "
+                               f"(data, model{', checkpoint' if state.global_step else ''}; peak RSS {peak:.2f} GB)",
+                               file=sys.stdout)
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = time.perf_counter() - self.start_time
             self.postfix["tok/s"] = f"{(state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9):.0f}"
             self.bar.set_postfix(self.postfix, refresh=False)
+            if self.bar.n == self.start_step and state.is_world_process_zero and (age := process_age()) is not None:
+                # Start-up (imports, data, model, resume) is what a resumed Colab run waits through every time.
+                self.bar.write(f"step {state.global_step}: the first optimizer step of this run ended "
+                               f"{age:.1f} s after the command started", file=sys.stdout)
             self.bar.update(state.global_step - self.bar.n)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -295,35 +305,53 @@ def run(config: TrainConfig) -> dict:
     if note := schedule_note(config, previous, resume_from):
         log(note)
 
-    prepared: Prepared = prepare(
-        read_rows(config.dataset, config.dataset_split),
-        seed=config.seed, eval_samples=config.eval_samples,
-        max_samples=config.max_samples, min_score=config.min_score,
-    )
-    for line in prepared.summary():
-        log(line)
+    store = PreparedStore(output_dir)
+    manifest, why = store.find(config)
+    prepared = None
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, the others take its data
+    if manifest is None and main_process:
+        data_started = time.perf_counter()
+        log(f"data: preparing from {config.dataset} ({why})")
+        prepared = store.scan(config)
+        for line in prepared.summary():
+            log(line)
+        log(f"data: scanned in {time.perf_counter() - data_started:.1f} s")
+    elif manifest is not None:
+        log(f"data: reusing what was prepared in {store.folder} (same source and settings)")
+        for line in summary_lines(manifest):
+            log(line)
 
     model_path = resolve_model_path(config.model_name, config.seed)
     log(f"model: loading {model_path} with the {backend_name} backend")
     loaded = backend.load(config, model_path)
     log(f"model: {loaded.device}, {loaded.dtype}")
 
-    train_examples, truncated, dropped = tokenize_all(prepared.train, loaded.tokenizer, config.max_seq_length)
-    eval_examples, _, _ = tokenize_all(prepared.eval, loaded.tokenizer, config.max_seq_length)
-    if truncated or dropped:
-        log(f"data: {truncated} conversations longer than --max-seq-length {config.max_seq_length} truncated, "
-            f"{dropped} of them dropped (no assistant token left)")
-    if not train_examples:
+    from accelerate import PartialState
+
+    data_started = time.perf_counter()
+    with PartialState().main_process_first():  # a no-op in one process
+        if manifest is None and prepared is None:  # not the main process: what it prepared, or its own when absent
+            manifest, _ = store.find(config)
+            prepared = store.scan(config) if manifest is None else None
+        data = store.finish(config, manifest, prepared, loaded.tokenizer, log)
+    info = data.info
+    if not data.reused:
+        needed = train_rows_needed(config)
+        use = f" (what {config.max_steps} steps read)" if needed is not None else ""
+        log(f"data: tokenized {info['train']} train{use} / {info['eval']} eval conversations in "
+            f"{time.perf_counter() - data_started:.1f} s, kept in {store.folder}")
+    if info["truncated"] or info["dropped"]:
+        log(f"data: {info['truncated']} conversations longer than --max-seq-length {config.max_seq_length} "
+            f"truncated, {info['dropped']} of them dropped (no assistant token left)")
+    if not info["train"]:
         raise UsageError([f"--max-seq-length {config.max_seq_length}: every conversation lost all its "
                            "assistant tokens to truncation; raise it"])
 
     import datasets
-    from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
     datasets.disable_progress_bars()  # TRL's per-split map() bars would bury our one progress bar
-    train_dataset = Dataset.from_list(train_examples)
-    eval_dataset = Dataset.from_list(eval_examples) if eval_examples else None
+    train_dataset, eval_dataset = data.train, data.eval
     arguments = _training_arguments(config, output_dir, backend.optimizer(config), loaded.dtype, eval_dataset is not None)
     trainer = sft_trainer_class()(
         model=loaded.model,
@@ -370,9 +398,7 @@ def run(config: TrainConfig) -> dict:
         "tokens_per_second": round(tokens_this_run / train_seconds, 1) if train_seconds > 0 else None,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "data": {"rows": prepared.total_rows, "train": len(train_examples), "eval": len(eval_examples),
-                 "skipped": len(prepared.skipped), "below_min_score": prepared.below_min_score,
-                 "truncated": truncated, "dropped": dropped},
+        "data": {**info, "reused": data.reused},
         "adapter": str(adapter),
         "train_metrics": result.metrics,
         **_peak_memory(),
