@@ -211,10 +211,33 @@ def _verification_section(report: dict) -> str:
         rows = [(check["name"], "✅" if check["passed"] else "❌", check["value"], check.get("threshold"),
                  check.get("detail") or "") for check in checks]
         parts.append(_table(("check", "result", "value", "threshold", "detail"), rows))
+    probes = _probes_part(report.get("probes") or {})
+    if probes:
+        parts.append(probes)
     notes = report.get("notes", [])
     if notes:
         parts.append("\n".join(f"- {' '.join(str(note).split())}" for note in notes))
     return "\n\n".join(parts)
+
+
+def _probes_part(probes: dict) -> str | None:
+    """The behaviour probes: per file, how many greedy answers equal the merged model's, and the first divergence."""
+    if probes.get("mode", "off") == "off":
+        return None
+    taught = probes["mode"] == "taught"
+    what = ("the questions the model was taught (each answer also compared with the taught one; checked above)"
+            if taught else "held-out prompts (a reported figure, not a check)")
+    rows = []
+    for quant, stats in probes["per_quant"].items():
+        divergence = stats.get("first_divergence")
+        where = (f"{divergence['prompt']!r}, token {divergence['token']}: {divergence['merged']!r} vs "
+                 f"{divergence['gguf']!r}" if divergence else "none")
+        row = (quant, f"{stats['identical']}/{stats['probes']}", where)
+        rows.append(row + ((f"{stats['taught']}/{stats['probes']}",) if taught else ()))
+    header = ("file", "identical to merged", "first divergence") + (("taught answers",) if taught else ())
+    return (f"**Behaviour probes.** Greedy answers (at most {probes['max_tokens']} tokens) of the merged 16-bit "
+            f"model (transformers) and of each GGUF (llama.cpp, the GGUF's own chat template) to {probes['prompts']} "
+            f"{what}:\n\n" + _table(header, rows))
 
 
 def _limitations_section() -> str:

@@ -6,6 +6,7 @@ temporary name and renamed when complete; the report is written only when every 
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
@@ -17,7 +18,7 @@ from common.llama import LlamaSetupError, extra_buffers
 from common.log import stage_logger
 from common.machine import usable_cpus
 
-from . import gguf, verify
+from . import gguf, probes, verify
 from .config import ExportConfig
 from .errors import ExportError
 
@@ -181,6 +182,13 @@ def run(config: ExportConfig, client=None) -> dict:
         + "; ".join(
         f"{q} KLD {s['kld_mean']:.5f}, top-1 {s['top1_agreement']:.2%}" for q, s in report["quantization"].items()))
 
+    probed = report.get("probes") or {}
+    if probed.get("mode", "off") != "off":
+        log(f"export: behaviour probes ({probed['mode']}, {probed['prompts']} prompts): " + "; ".join(
+            f"{q} {s['identical']}/{s['probes']} identical to merged"
+            + (f", {s['taught']}/{s['probes']} taught answers" if "taught" in s else "")
+            for q, s in probed["per_quant"].items()))
+
     if config.push:
         from .hub import push_export
 
@@ -261,7 +269,13 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
     checks.append(verify.check_tokenizer(outputs[0], tokenizer))
     checks.append(verify.check_template(outputs[0], tokenizer))
     sequences = verify.heldout_token_ids(tokenizer)
-    reference = verify.hf_logits(merged, sequences)
+    probe_mode, probe_list = probes.probe_set(run_info, config.probes) if config.probes else ("off", [])
+    model = verify.load_merged(merged)  # loaded once, for the logits and the probes' reference answers
+    reference = verify.model_logits(model, sequences)
+    answers = {"merged": probes.merged_answers(model, tokenizer, probe_list, config.probe_tokens)} if probe_list \
+        else {}
+    del model
+    gc.collect()
     f16_logits = verify.gguf_logits(f16, sequences)
     f16_stats = verify.compare_logits(reference, f16_logits)
     checks.append(verify.check_f16_logits(f16_stats))
@@ -274,6 +288,9 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
         checks.append(verify.check_quant_logits(output.name, quant, stats, verify.KLD_LIMITS.get(quant)))
     for output in outputs:
         checks.append(verify.check_chat(output))
+    probe_report, probe_checks = _probe(probe_mode, probe_list, answers, f16, quants, outputs, tokenizer,
+                                        config.probe_tokens)
+    checks += probe_checks
 
     for check in checks:
         mark = "ok  " if check.passed else "FAIL"
@@ -293,9 +310,40 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
         "checks": [c.to_dict() for c in checks],
         "logits_f16_vs_merged": f16_stats,
         "quantization": quant_stats,
+        "probes": probe_report,
         "notes": report_notes(run_info),
         "passed": all(c.passed for c in checks),
     }
+
+
+def _probe(mode: str, probe_list: list, answers: dict, f16: Path, quants: list[str], outputs: list[Path],
+           tokenizer, max_tokens: int) -> tuple[dict, list[verify.Check]]:
+    """Greedy answers of the f16 GGUF and each output against the merged model's; taught runs are checked."""
+    if not probe_list:
+        return {"mode": "off"}, []
+    files = {"f16": f16, **{q: p for q, p in zip(quants, outputs)}}
+    log(f"probes: greedy answers to {len(probe_list)} {mode} prompts, {max_tokens} tokens at most, "
+        f"merged model vs {', '.join(files)}")
+    per_quant, checks = {}, []
+    for quant, path in files.items():
+        answers[quant] = probes.gguf_answers(path, probe_list, max_tokens)
+        per_quant[quant] = probes.compare_answers(tokenizer, probe_list, answers["merged"], answers[quant])
+    report = {"mode": mode, "prompts": len(probe_list), "max_tokens": max_tokens, "per_quant": per_quant,
+              "answers": probes.answers_table(tokenizer, probe_list, answers)}
+    if mode == "taught":
+        merged_taught = sum(probes.answer_text(tokenizer, a) == p.expected
+                            for p, a in zip(probe_list, answers["merged"]))
+        report["merged_taught"] = merged_taught
+        total = len(probe_list)
+        checks.append(verify.Check("taught answers: merged model (transformers)", merged_taught == total,
+                                   f"{merged_taught}/{total}", f"{total}/{total}", "greedy, word for word"))
+        for quant, stats in per_quant.items():
+            bound = probes.TAUGHT_MIN_SHARE.get(quant)
+            checks.append(verify.Check(
+                f"taught answers: {files[quant].name}", bound is None or stats["taught"] >= bound * total,
+                f"{stats['taught']}/{total}", f">= {bound:.0%} of {total}" if bound is not None else None,
+                f"identical to the merged model's first {max_tokens} tokens: {stats['identical']}/{total}"))
+    return report, checks
 
 
 def is_random_tiny(run_info: dict | None) -> bool:
@@ -304,7 +352,12 @@ def is_random_tiny(run_info: dict | None) -> bool:
 
 def report_notes(run_info: dict | None) -> list[str]:
     notes = []
-    if is_random_tiny(run_info):
+    if is_random_tiny(run_info) and probes.taught_file(run_info) is not None:
+        notes.append("This is the offline tiny model, taught the five answers of train/data/taught.jsonl from random "
+                     "weights (the demo preset): the taught-answer checks above are what it learned; on any other "
+                     "text its next-token distributions are nearly uniform, so KL divergences are tiny and top-1 "
+                     "agreement between quantizations is low (near-ties flip), reported, not checked.")
+    elif is_random_tiny(run_info):
         notes.append("This is the offline tiny model (random weights, a few training steps): its next-token "
                      "distributions are nearly uniform, so KL divergences are tiny and top-1 agreement between "
                      "quantizations is low (near-ties flip). The same KLD limits apply; top-1 agreement of quantized "

@@ -145,17 +145,25 @@ def heldout_token_ids(hf_tokenizer) -> list[list[int]]:
     return [hf_tokenizer(text)["input_ids"] for text in HELDOUT_TEXTS]
 
 
-def hf_logits(merged_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
-    """Logits of the merged model, loaded in its own fp16 (never fp32), freed before returning."""
+def load_merged(merged_dir: Path):
+    """The merged model in its own fp16 (never fp32: a 3B fits Colab's RAM); the caller frees it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float16)
-    model.eval()
-    out = []
+    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float16).eval()
+
+
+def model_logits(model, sequences: list[list[int]]) -> list[np.ndarray]:
+    import torch
+
     with torch.inference_mode():
-        for ids in sequences:
-            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+        return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in sequences]
+
+
+def hf_logits(merged_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Logits of the merged model, loaded in its own fp16, freed before returning."""
+    model = load_merged(merged_dir)
+    out = model_logits(model, sequences)
     del model
     gc.collect()
     return out

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""The whole pipeline offline, in a few minutes on a laptop CPU: `make demo` runs this.
+"""The whole pipeline offline, in a few minutes on a laptop CPU, proving that training taught the model something:
+`make demo` runs this.
 
-    python scripts/demo.py                 # train -> (kill, resume) -> export -> chat -> serve the Space
+    python scripts/demo.py                 # ask -> train -> (kill, resume) -> export -> ask again -> serve the Space
     DEMO_NO_LAUNCH=1 python scripts/demo.py   # everything but serving (what the tests run)
     DEMO_OUT=/tmp/demo python scripts/demo.py # somewhere other than outputs/demo
 
-It trains the `tiny` preset (a randomly initialised Llama-3.2-architecture model with the real Llama-3 tokenizer)
-on the shipped sample, kills the run with SIGKILL right after a checkpoint and resumes it (what a dead Colab
-runtime does to you), exports a verified q4_k_m GGUF, answers one scripted chat turn through llama-cpp-python,
-prints a summary, then serves the Space on the exported model until Ctrl-C.
+It asks the tiny model (a randomly initialised Llama-3.2-architecture model with the real Llama-3 tokenizer) one
+of the questions in train/data/taught.jsonl (noise comes back), trains the `demo` preset on them with LoRA, kills
+the run with SIGKILL right after a checkpoint and resumes it (what a dead Colab runtime does to you), exports
+verified q4_k_m and q8_0 GGUFs (with behaviour probes: every taught question, merged model vs each GGUF), asks
+the Space's engine the same question of the q4_k_m GGUF (the taught answer comes back), prints a summary, then
+serves the Space on the exported model, with the taught questions as its chat examples, until Ctrl-C.
 """
 
 import json
@@ -23,9 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.llama import extra_buffers, open_gguf  # noqa: E402
+from common.llama import extra_buffers  # noqa: E402
+from export.probes import TAUGHT_DATASET, read_taught  # noqa: E402
 
-KILL_AFTER_STEP = 4
+PRESET = "demo"  # train/presets/demo.yaml: 40 steps, a checkpoint every 10
+KILL_AFTER_STEP = 20
 
 
 def banner(text: str) -> None:
@@ -37,9 +42,8 @@ def run(*args: str) -> None:
 
 
 def train_with_a_crash(out: Path) -> dict:
-    """Train 6 steps, SIGKILL the run right after its step-4 checkpoint is sealed, then rerun the same command."""
-    command = [sys.executable, str(REPO / "train/run.py"), "--preset", "tiny", "--output-dir", str(out),
-               "--max-steps", "6", "--save-steps", "2"]
+    """Train the demo preset, SIGKILL the run right after its checkpoint-20 is sealed, then rerun the same command."""
+    command = [sys.executable, str(REPO / "train/run.py"), "--preset", PRESET, "--output-dir", str(out)]
     process = subprocess.Popen(command, cwd=REPO)
     sealed = out / f"checkpoint-{KILL_AFTER_STEP}" / "checkpoint_manifest.json"
     while not sealed.exists():
@@ -54,57 +58,106 @@ def train_with_a_crash(out: Path) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
-def chat_once(gguf: Path) -> tuple[str, float, int]:
-    llm = open_gguf(gguf, n_ctx=1024)
-    started, tokens, text = time.perf_counter(), 0, ""
-    for chunk in llm.create_chat_completion(messages=[{"role": "user", "content": "What is LoRA, in one sentence?"}],
-                                            max_tokens=64, temperature=0.7, top_p=0.9, stream=True):
-        piece = chunk["choices"][0]["delta"].get("content")
-        if piece:
-            text, tokens = text + piece, tokens + 1
-    return text, tokens / (time.perf_counter() - started), tokens
+def base_answer(question: str) -> str:
+    """The untrained tiny model's greedy answer (transformers), as the merged model is probed in the export."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from export.probes import Probe, answer_text, merged_answers
+    from train.tiny import ensure_tiny_model
+
+    folder = ensure_tiny_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return answer_text(tokenizer, merged_answers(model, tokenizer, [Probe(question)], 24)[0])
+
+
+def engine_answer(gguf: Path, question: str):
+    """The Space engine's answer from the GGUF, greedy (temperature 0), through its own chat template."""
+    from space.catalog import catalog_from_paths
+    from space.engine import Engine
+    from space.replies import Sampling
+
+    engine = Engine(catalog_from_paths([str(gguf)]), n_ctx=1024)
+    reply = None
+    for reply in engine.stream_chat(engine.labels[0], question, sampling=Sampling(temperature=0.0, max_new_tokens=64)):
+        pass
+    if reply is None or reply.error:
+        raise SystemExit(f"demo: the Space engine did not answer ({reply.error if reply else 'no reply'})")
+    return reply
+
+
+def probe_lines(probes: dict) -> list[str]:
+    lines = [f"  {'file':<8} {'taught answers':>15} {'identical to merged':>20}  first divergence"]
+    for quant, stats in probes["per_quant"].items():
+        divergence = stats["first_divergence"]
+        where = (f"{divergence['prompt']!r} token {divergence['token']}: {divergence['merged']!r} vs "
+                 f"{divergence['gguf']!r}" if divergence else "none")
+        lines.append(f"  {quant:<8} {stats['taught']:>9}/{stats['probes']:<5} {stats['identical']:>14}/"
+                     f"{stats['probes']:<5}  {where}")
+    return lines
 
 
 def main() -> None:
     out = Path(os.environ.get("DEMO_OUT", REPO / "outputs" / "demo")).resolve()
     train_dir, export_dir = out / "train", out / "gguf"
     started = time.perf_counter()
-    print("demo: the tiny model is randomly initialised: it shows the mechanics (training, resume, export,\n"
-          "verification, serving) in a few minutes, and its words are meaningless. The README shows the real\n"
-          "1B/3B commands.")
+    taught = read_taught(TAUGHT_DATASET)
+    question = taught[0].prompt
+    print(f"demo: the tiny model starts from random weights, so it babbles. The demo teaches it the "
+          f"{len(taught)} short\nquestion -> answer conversations of {TAUGHT_DATASET.relative_to(REPO)} with LoRA "
+          "(about 40 s on 2 cores), and shows\nthe answers surviving the merge, the GGUF conversion and 4-bit "
+          "quantization. The README shows the real\n1B/3B commands.")
     shutil.rmtree(train_dir, ignore_errors=True)  # a fresh run each time, so the crash happens again
 
-    banner("1/4 train the tiny preset (6 steps, checkpoint every 2)")
+    banner("1/5 before training: the base model's greedy answer (transformers)")
+    before = base_answer(question)
+    print(f"user: {question}\nassistant: {before[:200]}")
+
+    banner(f"2/5 train the {PRESET} preset (train/presets/{PRESET}.yaml: 40 steps, checkpoint every 10)")
+    train_started = time.perf_counter()
     summary = train_with_a_crash(train_dir)
-    banner("2/4 export to q4_k_m with llama.cpp's converter and quantizer, and verify it")
-    run(str(REPO / "export/to_gguf.py"), "--adapter", str(train_dir / "adapter"), "--out", str(export_dir))
+    train_seconds = time.perf_counter() - train_started
+    banner("3/5 export to q4_k_m and q8_0 with llama.cpp's converter and quantizer, verify, probe the taught answers")
+    run(str(REPO / "export/to_gguf.py"), "--adapter", str(train_dir / "adapter"), "--out", str(export_dir),
+        "--quant", "q4_k_m", "q8_0")
     report = json.loads((export_dir / "report.json").read_text())
     gguf = export_dir / report["files"][0]["name"]
-    banner("3/4 one chat turn through llama-cpp-python")
-    answer, tokens_per_second, tokens = chat_once(gguf)
-    print(f"user: What is LoRA, in one sentence?\nassistant: {answer.strip()[:300]}")
+    banner("4/5 after: the Space engine's answer from the q4_k_m GGUF (greedy)")
+    reply = engine_answer(gguf, question)
+    print(f"user: {question}\nassistant: {reply.text.strip()[:300]}")
 
     banner("summary")
     failed = [c["name"] for c in report["checks"] if not c["passed"]]
     q4 = report["quantization"].get("q4_k_m", {})
-    print(f"training:  {summary['steps']} steps, resumed from {Path(summary['resumed_from']).name}, "
-          f"train loss {summary['train_loss']:.4f}, eval loss {summary['eval_loss']:.4f}, "
+    print(f"question:  {question}")
+    print(f"before:    {before[:120]!r} (the untrained base model)")
+    print(f"after:     {reply.text.strip()[:120]!r} (q4_k_m GGUF through the Space engine; taught: "
+          f"{taught[0].expected!r})")
+    print(f"training:  {summary['steps']} steps in {train_seconds:.0f} s (two processes: killed, resumed from "
+          f"{Path(summary['resumed_from']).name}), train loss {summary['train_loss']:.4f}, "
           f"{summary['tokens_per_second']:.0f} tokens/s after the resume")
     print(f"adapter:   {train_dir / 'adapter'}")
     print(f"gguf:      {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB)")
     print(f"verified:  {len(report['checks']) - len(failed)}/{len(report['checks'])} checks passed; f16 vs merged "
           f"top-1 {report['logits_f16_vs_merged']['top1_agreement_ties']:.2%}; q4_k_m mean KLD "
           f"{q4.get('kld_mean', float('nan')):.5f}")
-    print(f"chat:      {tokens} tokens at {tokens_per_second:.0f} tokens/s (llama-cpp-python, q4_k_m)")
+    probes = report["probes"]
+    print(f"probes:    greedy answers to the {probes['prompts']} taught questions; merged model (transformers): "
+          f"{probes['merged_taught']}/{probes['prompts']} taught answers")
+    print("\n".join(probe_lines(probes)))
+    print(f"chat:      {reply.tokens} tokens at {reply.tokens_per_s or 0:.0f} tokens/s (Space engine, q4_k_m)")
     print(f"runtime:   {extra_buffers().describe()}")
     print(f"report:    {export_dir / 'report.json'}, model card {export_dir / 'README.md'}")
     print(f"total:     {time.perf_counter() - started:.0f} s")
 
     if os.environ.get("DEMO_NO_LAUNCH") == "1":
         return
-    banner("4/4 serving the Space on the exported model: http://localhost:7860 (Ctrl-C to stop)")
+    banner("5/5 serving the Space on the exported model: http://localhost:7860 (Ctrl-C to stop); "
+           "its chat examples are the taught questions")
+    examples = [arg for probe in taught for arg in ("--example", probe.prompt)]
     try:
-        run(str(REPO / "space/app.py"), "--model", str(gguf))
+        run(str(REPO / "space/app.py"), "--model", str(gguf), *examples)
     except KeyboardInterrupt:
         print("\ndemo: stopped")
 

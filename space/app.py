@@ -49,7 +49,9 @@ def _sampling(temperature, top_p, max_new_tokens) -> Sampling:
 
 
 def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
-              stream_interval: float = STREAM_INTERVAL) -> gr.Blocks:
+              stream_interval: float = STREAM_INTERVAL, examples: list[str] | None = None) -> gr.Blocks:
+    """`examples`: the chat's clickable examples, shown before the built-in EXAMPLES (none repeated)."""
+    examples = list(dict.fromkeys([*(examples or []), *EXAMPLES]))
     labels = engine.labels
     second = labels[1] if len(labels) > 1 else labels[0]
 
@@ -113,7 +115,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                                    show_label=False, submit_btn=True, stop_btn=True),
                 additional_inputs=[model, system_prompt, temperature, top_p, max_new_tokens],
                 additional_outputs=[stats],
-                examples=[[text] for text in EXAMPLES],
+                examples=[[text] for text in examples],
                 cache_examples=False,  # examples run on click, never at start-up
                 api_name="chat",
                 fill_height=False,
@@ -170,6 +172,10 @@ def parse_args(argv=None):
                         default=float(os.environ.get("SPACE_STREAM_INTERVAL", STREAM_INTERVAL)),
                         help="seconds between streamed updates (0 = every token; each update costs the CPU that "
                              "generation uses)")
+    parser.add_argument("--example", action="append", metavar="TEXT",
+                        default=[line for line in os.environ.get("SPACE_EXAMPLES", "").splitlines() if line.strip()],
+                        help="a chat example shown before the built-in ones (repeatable; SPACE_EXAMPLES holds one "
+                             "per line); the demo passes the questions its model was taught")
     return parser.parse_args(argv)
 
 
@@ -185,7 +191,8 @@ def main(argv=None) -> None:
     if args.votes_repo:  # pushed to the Hub: one file per process, so a restarted Space never overwrites votes
         votes_path = unique_vote_file(votes_path.parent)
     votes = VoteLog(votes_path, hub_repo_id=args.votes_repo)
-    app = build_app(engine, votes, compare_mode=args.compare_mode, stream_interval=args.stream_interval)
+    app = build_app(engine, votes, compare_mode=args.compare_mode, stream_interval=args.stream_interval,
+                    examples=args.example)
     # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=args.host, server_port=args.port, show_error=True)

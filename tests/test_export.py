@@ -195,6 +195,7 @@ def test_push_uploads_the_files_and_card_in_one_commit(exported, trained_adapter
     (["--adapter", "/no/such/adapter"], "--adapter '/no/such/adapter': folder not found", 2),
     (["--quant", "q4km"], "--quant q4km: unknown quant type; choose from: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m", 2),
     (["--push"], "--push: needs --repo-id USER/NAME", 2),
+    (["--probes", "-1"], "--probes -1: must be >= 0 (0 skips the behaviour probes)", 2),
     (["--push", "--repo-id", "not a repo"], "--repo-id 'not a repo': must look like USER/NAME", 2),
     (["--out", "/dev/null"], "--out '/dev/null': exists and is not a folder; choose a folder this user can write", 2),
     (["--out", "/dev/null/o"], "--out '/dev/null/o': /dev/null is a file, not a folder", 2),
