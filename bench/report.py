@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench import REPO, log, startup, training
+from bench import REPO, concurrency, log, startup, training
 from bench.summary import gb, misses, summary, targets_table
 from common.files import temporary_path, write_text_atomic
 from common.machine import usable_cpus
@@ -21,14 +21,15 @@ README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->
 
 
 def render_chart(s: dict, path: Path) -> None:
-    """The four panels of docs/benchmarks.png: generation vs its bound, the Space's overhead, TTFT by turn, export
-    memory (a panel whose section is absent stays empty)."""
+    """The six panels of docs/benchmarks.png: generation vs its bound, the Space's overhead, TTFT by turn, export
+    memory, and N users at once (tokens/s in all, slowest first token) for the engine and llama-server (a panel whose
+    section is absent stays empty)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12.5))
     ax = axes[0][0]
     if "generation" in s:
         names = list(s["generation"])
@@ -74,6 +75,19 @@ def render_chart(s: dict, path: Path) -> None:
         ax.set_ylabel("peak RSS of merge → convert → quantize (GB)")
         ax.set_title("Export memory")
         ax.legend()
+    if "concurrency" in s:
+        figures = s["concurrency"]
+        for ax, key, label in ((axes[2][0], "aggregate_tokens_per_s", "tokens/s, all users together"),
+                               (axes[2][1], "ttft_p95_s", "time to first token, p95 (s)")):
+            for path, marker in (("engine", "o"), ("llama-server", "s")):
+                users = sorted(figures[path])
+                ax.plot(users, [figures[path][n][key] for n in users], marker=marker, label=path)
+            ax.set_xticks(users)
+            ax.set_xlabel("users at once (1B q4_k_m, 128 new tokens each)")
+            ax.set_ylabel(label)
+            ax.set_ylim(bottom=0)
+            ax.set_title("N users: the Space's engine vs llama-server")
+            ax.legend()
     fig.suptitle("Measured on " + s.get("machine_line", "this machine"), fontsize=10)
     fig.tight_layout()
     temporary = temporary_path(path)
@@ -199,6 +213,8 @@ def render_report(results: dict, s: dict) -> str:
                                                     f"{t['repeats']}"), ""]
     if "startup" in sections:
         lines += startup.render(sections["startup"])
+    if "concurrency" in sections:
+        lines += concurrency.render(sections["concurrency"])
     if "buffers" in sections:
         b, sb = sections["buffers"], s["buffers"]
         lines += ["## llama.cpp's extra buffer types: the cost of the AMX safe path", "",

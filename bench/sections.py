@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench import log, startup, training
+from bench import concurrency, log, startup, training
 from bench.harness import measured
 from bench.report import RESULTS
 from bench.shapes import PUBLISHED_PARAMETERS, build_adapter, build_base
@@ -20,7 +20,7 @@ from common.files import write_text_atomic
 from common.llama import extra_buffers, system_info
 from common.machine import cpu_name, usable_cpus
 
-SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers")
+SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers", "concurrency")
 
 
 class Paths:
@@ -126,6 +126,10 @@ def run_sections(args, results: dict) -> None:
         save("space", measured("space", gguf=str(one_b.q4), repeats=args.repeats, new_tokens=128, turns=6,
                                turn_tokens=64, folder=str(args.work),
                                intervals=[STREAM_INTERVAL, 0.0]))  # the default, an update per token
+    if "concurrency" in args.sections:
+        one_b = Paths(args.work, "1b")
+        ensure_exported(one_b)
+        save("concurrency", concurrency.measure(one_b.q4, users=(1, 2, 4, 8), new_tokens=128, repeats=args.repeats))
     if "buffers" in args.sections:
         one_b = Paths(args.work, "1b")
         ensure_exported(one_b)

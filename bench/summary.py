@@ -92,6 +92,10 @@ def summary(results: dict) -> dict:
         out["startup"] = {kind: {key: statistics.median(r[key] for r in runs)
                                  for key in ("ready_s", "first_step_s", "ready_peak_rss", "peak_rss")}
                           for kind, runs in start["runs"].items()}
+    if sections.get("concurrency"):
+        from bench.concurrency import medians
+
+        out["concurrency"] = medians(sections["concurrency"])
     return out
 
 

@@ -16,15 +16,15 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
+from common import llama_source as source
 from common.files import temporary_path
+from common.llama import LlamaSetupError
 from common.llama3 import cache_root
 from common.machine import usable_cpus
 
@@ -80,9 +80,9 @@ def ftype_value(quant: str) -> int:
 # ---------------------------------------------------------------------- the converter
 def llama_cpp_version() -> str:
     try:
-        return metadata.version("llama_cpp_python")
-    except metadata.PackageNotFoundError:
-        raise ExportError("llama-cpp-python is not installed; pip install -r requirements-dev.txt") from None
+        return source.llama_cpp_version()
+    except LlamaSetupError as error:
+        raise ExportError(str(error)) from None
 
 
 def converter_cache_dir() -> Path:
@@ -112,16 +112,12 @@ def ensure_converter(llama_cpp_dir: Path | None = None, log=print) -> Path:
     log(f"convert: fetching llama.cpp's converter from llama-cpp-python {version}'s source archive (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".converter-download-") as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                   "--dest", scratch, f"llama-cpp-python=={version}"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = list(Path(scratch).glob("llama_cpp_python-*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            last = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
-            raise ExportError(f"could not download llama-cpp-python=={version}'s source archive ({last}); "
-                              "check the network or pass --llama-cpp-dir pointing at a llama.cpp checkout")
+        try:
+            archive = source.download_source_archive(Path(scratch))
+        except LlamaSetupError as error:
+            raise ExportError(f"{error} or pass --llama-cpp-dir pointing at a llama.cpp checkout") from None
         staging = Path(scratch) / "converter"
-        _extract_converter(archives[0], staging)
+        _extract_converter(archive, staging)
         try:
             staging.rename(target)
         except OSError:
@@ -131,15 +127,7 @@ def ensure_converter(llama_cpp_dir: Path | None = None, log=print) -> Path:
 
 
 def _extract_converter(archive: Path, destination: Path) -> None:
-    wanted = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_hf_to_gguf\.py|conversion/.*|gguf-py/.*)$")
-    destination.mkdir(parents=True)
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            match = wanted.match(member.name)
-            if not match or not (member.isfile() or member.isdir()):
-                continue
-            member.name = match.group(1)
-            tar.extract(member, destination, filter="data")
+    source.extract_vendored(archive, destination, r"convert_hf_to_gguf\.py|conversion/.*|gguf-py/.*")
     if not is_converter_dir(destination):
         raise ExportError(f"{archive.name} has no vendor/llama.cpp/convert_hf_to_gguf.py; "
                           "pass --llama-cpp-dir pointing at a llama.cpp checkout")

@@ -1,4 +1,6 @@
 """The models the Space may serve: space/models.yaml, the SPACE_MODELS variable that overrides it, or local GGUFs.
+An entry is a Hub GGUF (repo_id + filename), a local GGUF (path), or an OpenAI-compatible server (base_url + model,
+optionally api_key_env: the environment variable or Space secret holding its key), served by space/remote.py.
 
     from space.catalog import catalog_from_paths, load_catalog
     load_catalog()                                    # $SPACE_MODELS if set, else space/models.yaml
@@ -27,15 +29,22 @@ CATALOG_ENV = "SPACE_MODELS"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model the Space may serve: a Hub repo + filename glob, or a local GGUF path."""
+    """One model the Space may serve: a Hub repo + filename glob, a local GGUF path, or a server's base URL + model."""
 
     label: str
     repo_id: str | None = None
     filename: str | None = None  # glob matching exactly one file in repo_id, e.g. "*Q4_K_M.gguf"
     path: str | None = None
+    base_url: str | None = None  # an OpenAI-compatible API, e.g. http://10.0.0.5:8080/v1
+    model: str | None = None  # the model name that server expects
+    api_key_env: str | None = None  # the environment variable holding its API key (never the key itself)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.base_url is not None
 
 
-_SPEC_KEYS = ("label", "repo_id", "filename", "path")
+_SPEC_KEYS = ("label", "repo_id", "filename", "path", "base_url", "model", "api_key_env")
 
 
 def _spec_problems(entry, position: int) -> list[str]:
@@ -44,7 +53,10 @@ def _spec_problems(entry, position: int) -> list[str]:
     >>> _spec_problems({"label": "1B", "path": "1b.gguf"}, 1)
     []
     >>> _spec_problems({"label": "1B", "path": "1b.gguf", "size": "1B"}, 2)
-    ["entry 2 ('1B'): unknown key(s) size; allowed: label, repo_id, filename, path"]
+    ["entry 2 ('1B'): unknown key(s) size; allowed: label, repo_id, filename, path, base_url, model, api_key_env"]
+    >>> _spec_problems({"label": "1B", "base_url": "localhost:8080"}, 3)  # doctest: +NORMALIZE_WHITESPACE
+    ["entry 3 ('1B'): base_url 'localhost:8080' must start with http:// or https://",
+     "entry 3 ('1B'): base_url and model go together (model: the name the server expects)"]
     """
     if not isinstance(entry, Mapping):
         return [f"entry {position}: expected a mapping like {{label, repo_id, filename}} or {{label, path}}, "
@@ -61,10 +73,18 @@ def _spec_problems(entry, position: int) -> list[str]:
     if not entry.get("label"):
         problems.append(f"{name}: needs a label")
     has_hub = bool(entry.get("repo_id") or entry.get("filename"))
-    if has_hub == bool(entry.get("path")):
-        problems.append(f"{name}: give either repo_id + filename (a Hub GGUF) or path (a local GGUF), not both")
+    has_remote = bool(entry.get("base_url") or entry.get("model") or entry.get("api_key_env"))
+    if has_hub + bool(entry.get("path")) + has_remote != 1:
+        problems.append(f"{name}: give one of repo_id + filename (a Hub GGUF), path (a local GGUF) or base_url + "
+                        "model (an OpenAI-compatible server)")
     elif has_hub and not (entry.get("repo_id") and entry.get("filename")):
         problems.append(f"{name}: repo_id and filename go together (e.g. filename: \"*Q4_K_M.gguf\")")
+    elif has_remote:
+        url = entry.get("base_url")
+        if isinstance(url, str) and not url.startswith(("http://", "https://")):
+            problems.append(f"{name}: base_url {url!r} must start with http:// or https://")
+        if not (url and entry.get("model")):
+            problems.append(f"{name}: base_url and model go together (model: the name the server expects)")
     return problems
 
 
@@ -85,7 +105,8 @@ def _catalog_from_entries(entries, source: str) -> list[ModelSpec]:
 def load_catalog(path: Path = DEFAULT_CATALOG, env: Mapping[str, str] = os.environ) -> list[ModelSpec]:
     """The models to serve: $SPACE_MODELS (a JSON list, set by scripts/deploy_space.py) or else the YAML file.
 
-    Both hold the same entries: `{"label", "repo_id", "filename"}` or `{"label", "path"}`.
+    Both hold the same entries: `{"label", "repo_id", "filename"}`, `{"label", "path"}` or
+    `{"label", "base_url", "model"[, "api_key_env"]}`.
     """
     if env.get(CATALOG_ENV, "").strip():
         try:

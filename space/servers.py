@@ -1,0 +1,156 @@
+"""OpenAI-compatible servers for a GGUF, for the Space (or anything) to talk to: llama.cpp's own llama-server, built
+from the llama.cpp release the installed llama-cpp-python was compiled from, or llama-cpp-python's server.
+
+    from space.servers import build_llama_server, llama_server_command, python_server_command
+    binary = build_llama_server()                 # once per machine: CMake, CPU only, cached
+    argv = llama_server_command(binary, "1b-Q4_K_M.gguf", port=8080, slots=4)
+
+llama-server gives each of `slots` conversations its own part of the context and decodes them together in one batch
+(continuous batching): on a CPU, several users share the cost of reading the weights, where the in-process engine
+answers one after another. llama-cpp-python's server needs no compile but serves one request at a time.
+Both take llama.cpp's AMX safe path where common.llama chooses it (llama-server: --no-repack, which turns off the
+extra buffer types; llama-cpp-python: the same parameter common.llama sets).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from common.llama import LlamaSetupError, extra_buffers
+from common.llama3 import cache_root
+from common.llama_source import download_source_archive, extract_vendored, llama_cpp_version
+from common.machine import usable_cpus
+
+__all__ = ["build_llama_server", "llama_server_binary", "llama_server_command", "python_server_command",
+           "server_environment", "wait_until_ready", "CMAKE_OPTIONS"]
+
+# CPU only, static (the binary is copied out of the build tree), no tests, examples or other tools; GGML_NATIVE is
+# llama.cpp's default (this machine's own instructions): the binary is built where it runs.
+CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
+                 "-DGGML_CCACHE=OFF")
+
+
+def llama_server_binary() -> Path:
+    """Where the built llama-server lives: one per llama-cpp-python version, under the project's cache."""
+    return cache_root() / f"llama-server-{llama_cpp_version()}" / "llama-server"
+
+
+def build_llama_server(log: Callable[[str], None] = print, jobs: int | None = None) -> Path:
+    """llama-server, built once from the source archive's vendor/llama.cpp and cached; later calls return it."""
+    binary = llama_server_binary()
+    if binary.is_file():
+        return binary
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise LlamaSetupError(f"building llama-server needs {' and '.join(missing)}; install them (Debian: "
+                              "apt-get install cmake g++) or use --engine llama-cpp-python, which needs no compile")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=binary.parent.parent, prefix=".llama-server-build-") as scratch:
+        log(f"llama-server: fetching llama.cpp from llama-cpp-python {llama_cpp_version()}'s source archive")
+        source = Path(scratch) / "llama.cpp"
+        extract_vendored(download_source_archive(Path(scratch)), source)
+        build = source / "build"
+        log(f"llama-server: building with CMake (CPU only, {jobs or usable_cpus()} jobs; ~15-30 min on 2 cores, "
+            "once per machine)")
+        for command in (["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS],
+                        ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or usable_cpus())]):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+                raise LlamaSetupError(f"building llama-server failed at `{' '.join(command[:2])}`: {tail[0]}")
+        staged = binary.with_name(f".llama-server-{os.getpid()}")
+        shutil.copy2(build / "bin" / "llama-server", staged)
+        staged.replace(binary)  # complete or absent, never half-copied under the final name
+    log(f"llama-server: built in {time.perf_counter() - started:.0f} s: {binary}")
+    return binary
+
+
+def llama_server_command(binary: Path, model: Path, *, port: int, slots: int = 4, ctx_per_slot: int = 4096,
+                         host: str = "127.0.0.1", alias: str | None = None, threads: int | None = None) -> list[str]:
+    """llama-server's argv: `slots` conversations at once, each with `ctx_per_slot` tokens, the GGUF's own chat
+    template (--jinja), llama.cpp's AMX safe path where common.llama takes it.
+
+    >>> llama_server_command(Path("llama-server"), Path("m.gguf"), port=8080, slots=2, ctx_per_slot=1024,
+    ...                      threads=2)[:12]
+    ['llama-server', '--model', 'm.gguf', '--host', '127.0.0.1', '--port', '8080', '--parallel', '2', '--ctx-size', '2048', '--threads']
+    """
+    threads = threads or usable_cpus()
+    argv = [str(binary), "--model", str(model), "--host", host, "--port", str(port), "--parallel", str(slots),
+            "--ctx-size", str(slots * ctx_per_slot), "--threads", str(threads), "--threads-batch", str(threads),
+            "--jinja", "--cont-batching", "--alias", alias or Path(model).stem, "--no-webui"]
+    if not extra_buffers().enabled:
+        argv.append("--no-repack")
+    return argv
+
+
+def server_environment(engine: str, api_key_env: str | None) -> dict[str, str]:
+    """The environment a server starts with: the key held in $`api_key_env`, when one is named, under the name that
+    server reads (LLAMA_API_KEY for llama-server, API_KEY for llama-cpp-python's), never on its command line."""
+    env = dict(os.environ)
+    if api_key_env:
+        if not os.environ.get(api_key_env):
+            raise LlamaSetupError(f"--api-key-env {api_key_env}: that environment variable is empty; set it to the "
+                                  "key clients must send")
+        env["LLAMA_API_KEY" if engine == "llama-server" else "API_KEY"] = os.environ[api_key_env]
+    return env
+
+
+def python_server_command(model: Path, *, port: int, ctx: int = 4096, host: str = "127.0.0.1",
+                          alias: str | None = None, threads: int | None = None) -> list[str]:
+    """llama-cpp-python's OpenAI server (the `server` extra, no compile), through scripts/serve_openai.py's
+    AMX-safe wrapper; one request at a time."""
+    threads = threads or usable_cpus()
+    return [sys.executable, "-m", "space.servers", "--model", str(model), "--host", host, "--port", str(port),
+            "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+            "--model_alias", alias or Path(model).stem, "--verbose", "False"]
+
+
+def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `base_url`/models until the server answers (any HTTP status: one that wants a key answers 401);
+    LlamaSetupError when it exits or the time runs out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url.rstrip('/')}/models", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if process.poll() is not None:
+                raise LlamaSetupError(f"the server exited with status {process.returncode} before it was ready")
+            if time.time() > deadline:
+                raise LlamaSetupError(f"the server at {base_url} was not ready within {timeout:.0f} s")
+            time.sleep(0.3)
+
+
+def _serve_python(argv: list[str]) -> None:
+    """`python -m space.servers ARGS`: llama_cpp.server with llama.cpp's extra buffer types as common.llama
+    chooses (off on an AMX CPU, where q4_k_m crashes), for the whole process."""
+    import llama_cpp.llama_cpp as bindings
+    from llama_cpp.server.__main__ import main
+
+    enabled, default = extra_buffers().enabled, bindings.llama_model_default_params
+
+    def with_choice():
+        params = default()
+        params.use_extra_bufts = enabled
+        return params
+
+    bindings.llama_model_default_params = with_choice
+    sys.argv = ["llama_cpp.server", *argv]
+    main()
+
+
+if __name__ == "__main__":
+    _serve_python(sys.argv[1:])
