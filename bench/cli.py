@@ -28,7 +28,7 @@ Sections, each measurement repeated, median reported:
   buffers     llama.cpp's extra buffer types (REPACK, AMX) on vs off on the 1B q4_k_m, with a 128-token prompt:
               what the safe path of common/llama.py costs where it is taken (CPUs with llama.cpp's AMX path)
   concurrency 1, 2, 4 and 8 users at once on the 1B q4_k_m, 128 new tokens each: the Space's in-process engine vs
-              llama.cpp's llama-server with a slot per user (built once from the pinned llama.cpp: ~30 min on 2
+              llama.cpp's llama-server with a slot per user (built once from the pinned llama.cpp: ~7 min on 2
               cores); tokens/s in all and per user, TTFT p50/p95
 Every step that loads a model runs in its own process, so the peak RSS reported is that process tree's own.
 """

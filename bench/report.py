@@ -79,9 +79,9 @@ def render_chart(s: dict, path: Path) -> None:
         figures = s["concurrency"]
         for ax, key, label in ((axes[2][0], "aggregate_tokens_per_s", "tokens/s, all users together"),
                                (axes[2][1], "ttft_p95_s", "time to first token, p95 (s)")):
-            for path, marker in (("engine", "o"), ("llama-server", "s")):
-                users = sorted(figures[path])
-                ax.plot(users, [figures[path][n][key] for n in users], marker=marker, label=path)
+            for name, marker in (("engine", "o"), ("llama-server", "s")):
+                users = sorted(figures[name])
+                ax.plot(users, [figures[name][n][key] for n in users], marker=marker, label=name)
             ax.set_xticks(users)
             ax.set_xlabel("users at once (1B q4_k_m, 128 new tokens each)")
             ax.set_ylabel(label)

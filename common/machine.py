@@ -36,3 +36,11 @@ def process_age() -> float | None:
         return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux's /proc; None elsewhere), without psutil, which the Space lacks."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

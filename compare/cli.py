@@ -170,6 +170,12 @@ def machine_info() -> dict:
             "load_average": round(os.getloadavg()[0], 2)}  # 1 minute: others busy on these cores slow the timings
 
 
+# A model behind an OpenAI-compatible server: its held-out perplexity needs its logits, which the API does not give.
+NOT_SCORED = {"perplexity": None, "conversations": 0, "tokens": 0, "scored_tokens": 0, "truncated": 0,
+              "negative_log_likelihood": None, "seconds": 0.0, "per_conversation": [],
+              "not_scored": "served over the OpenAI API, which gives no logits to score"}
+
+
 def run(config: CompareConfig) -> dict:
     """Measure every model in turn and return the report (every figure, no file written)."""
     started, created, machine = time.perf_counter(), datetime.now(timezone.utc), machine_info()
@@ -183,15 +189,15 @@ def run(config: CompareConfig) -> dict:
     load_s = load_models(engine, config.models)
     models = []
     for spec in config.models:
-        llm = engine.get(spec.label)
-        scored = score_heldout(engine, spec.label, heldout.conversations, config.n_ctx)
+        llm = None if spec.is_remote else engine.get(spec.label)
+        scored = NOT_SCORED if spec.is_remote else score_heldout(engine, spec.label, heldout.conversations, config.n_ctx)
         log(f"[{spec.label}] held-out perplexity {format_number(scored['perplexity'])} over "
             f"{scored['scored_tokens']:,} assistant tokens ({scored['seconds']:.1f} s); answering "
             f"{len(config.prompts)} prompts")
         generation = generate_answers(engine, spec.label, config.prompts, config.sampling)
-        models.append({"label": spec.label, "source": describe_source(spec), "path": llm.model_path,
-                       "size_bytes": Path(llm.model_path).stat().st_size, "load_s": load_s[spec.label],
-                       "n_vocab": llm.n_vocab(), "heldout": scored, "generation": generation})
+        models.append({"label": spec.label, "source": describe_source(spec), "path": llm and llm.model_path,
+                       "size_bytes": llm and Path(llm.model_path).stat().st_size, "load_s": load_s[spec.label],
+                       "n_vocab": llm and llm.n_vocab(), "heldout": scored, "generation": generation})
     try:
         llama_version = metadata.version("llama_cpp_python")
     except metadata.PackageNotFoundError:

@@ -1,4 +1,4 @@
-"""The models to compare: `--model LABEL=PATH_OR_REPO` arguments, and loading each one as the Space does.
+"""The models to compare: `--model LABEL=PATH_OR_REPO_OR_URL` arguments, and loading each one as the Space does.
 
     spec = parse_model_argument("1B=alice/Llama-3.2-1B-Instruct-FineTome-GGUF")   # a Hub repo, the q4_k_m file
     load_models(Engine([spec]), [spec])                                        # downloads and loads it
@@ -18,6 +18,7 @@ from export.errors import ExportError
 from export.hub import hub_errors, validate_repo_id
 from space.catalog import ModelSpec
 from space.engine import Engine
+from space.replies import Sampling
 
 DEFAULT_GLOB = Q4_K_M_GLOB  # the same convention as space/models.yaml and scripts/deploy_space.py
 GGUF_MAGIC = b"GGUF"
@@ -26,17 +27,21 @@ log = stage_logger("compare").info
 
 
 def parse_model_argument(text: str) -> ModelSpec:
-    """`LABEL=PATH` (a local GGUF) or `LABEL=OWNER/NAME[:GLOB]` (a Hub repo) → ModelSpec; ValueError says what is wrong.
+    """`LABEL=PATH` (a local GGUF), `LABEL=OWNER/NAME[:GLOB]` (a Hub repo) or `LABEL=http(s)://HOST/v1[#MODEL]` (an
+    OpenAI-compatible server; MODEL, the name it expects, defaults to the label) → ModelSpec; ValueError says what is
+    wrong.
 
     An existing path is always local; otherwise OWNER/NAME with an optional :GLOB is a Hub repo, unless it ends
     in .gguf (then it is a local file that is missing, which the caller reports).
 
-    >>> parse_model_argument("1B=alice/Llama-3.2-1B-Instruct-FineTome-GGUF")
-    ModelSpec(label='1B', repo_id='alice/Llama-3.2-1B-Instruct-FineTome-GGUF', filename='*Q4_K_M.gguf', path=None)
+    >>> parse_model_argument("1B=alice/Llama-3.2-1B-Instruct-FineTome-GGUF")  # doctest: +ELLIPSIS
+    ModelSpec(label='1B', repo_id='alice/Llama-3.2-1B-Instruct-FineTome-GGUF', filename='*Q4_K_M.gguf', path=None, ...)
     >>> parse_model_argument("q8 = alice/X-GGUF:*Q8_0.gguf").filename
     '*Q8_0.gguf'
-    >>> parse_model_argument("tiny=exports/tiny/Tiny-Q4_K_M.gguf")
-    ModelSpec(label='tiny', repo_id=None, filename=None, path='exports/tiny/Tiny-Q4_K_M.gguf')
+    >>> parse_model_argument("tiny=exports/tiny/Tiny-Q4_K_M.gguf")  # doctest: +ELLIPSIS
+    ModelSpec(label='tiny', repo_id=None, filename=None, path='exports/tiny/Tiny-Q4_K_M.gguf', ...)
+    >>> parse_model_argument("1B=http://10.0.0.5:8080/v1#llama-1b")  # doctest: +ELLIPSIS
+    ModelSpec(label='1B', ..., base_url='http://10.0.0.5:8080/v1', model='llama-1b', api_key_env=None)
     >>> parse_model_argument("exports/tiny/Tiny-Q4_K_M.gguf")
     Traceback (most recent call last):
     ValueError: expected LABEL=PATH_OR_REPO, e.g. 1B=exports/1b/X-Q4_K_M.gguf or 1B=USER/X-GGUF
@@ -50,6 +55,9 @@ def parse_model_argument(text: str) -> ModelSpec:
         raise ValueError("expected LABEL=PATH_OR_REPO, e.g. 1B=exports/1b/X-Q4_K_M.gguf or 1B=USER/X-GGUF")
     if any(character in label for character in "\n\r\t|"):
         raise ValueError("a label may not contain tabs, line breaks or '|' (it heads a column of the report)")
+    if value.startswith(("http://", "https://")):
+        url, _, model = value.partition("#")
+        return ModelSpec(label=label, base_url=url, model=model.strip() or label)
     if Path(value).expanduser().exists():
         return ModelSpec(label=label, path=value)
     repo, colon, glob = value.partition(":")
@@ -67,7 +75,11 @@ def describe_source(spec: ModelSpec) -> str:
     'alice/X-GGUF:*Q4_K_M.gguf'
     >>> describe_source(ModelSpec("tiny", path="exports/tiny/X.gguf"))
     'exports/tiny/X.gguf'
+    >>> describe_source(ModelSpec("1B", base_url="http://h:8080/v1", model="m"))
+    'http://h:8080/v1#m'
     """
+    if spec.is_remote:
+        return f"{spec.base_url}#{spec.model}"
     return spec.path if spec.path else f"{spec.repo_id}:{spec.filename}"
 
 
@@ -103,7 +115,9 @@ def check_model_arguments(texts: list[str]) -> tuple[list[ModelSpec], list[str]]
         except ValueError as error:
             problems.append(f"--model {text!r}: {error}")
             continue
-        if spec.repo_id:
+        if spec.is_remote:
+            pass  # reachable or not is found by load_models, with the server's own answer
+        elif spec.repo_id:
             try:
                 validate_repo_id(spec.repo_id, "--model")
             except ExportError as error:
@@ -133,7 +147,11 @@ def load_models(engine: Engine, specs: list[ModelSpec]) -> dict[str, float]:
         started = time.perf_counter()
         where = f"--model {spec.label}={describe_source(spec)}"
         try:
-            if spec.repo_id:
+            if spec.is_remote:  # a one-token question: an unreachable server fails the run now, not after the others
+                reply = list(engine.stream_chat(spec.label, "Hi", sampling=Sampling(max_new_tokens=1)))[-1]
+                if reply.error:
+                    raise ExportError(f"{where}: {reply.error}")
+            elif spec.repo_id:
                 with hub_errors(f"{where}: downloading from the Hub", None, retry="run the command again", fixes={
                         401: "the repo is private or gated: set HF_TOKEN or run `hf auth login`",
                         404: "no such repo (or it is private): check the id, or give a local .gguf path"}):

@@ -191,17 +191,20 @@ def generate_answers(engine: Engine, label: str, prompts: list[Prompt], sampling
                      progress: Callable[[str], None] = log) -> dict:
     """Each prompt's answer through the Space's own streaming path (Engine.stream_chat), with its timing and stop
     reason; the Space's own streamed figures are kept beside the exact ones."""
-    clock = TokenClock(engine.get(label))
+    clock = None if engine.is_remote(label) else TokenClock(engine.get(label))  # a server's tokens: its stream
     started, answers = time.perf_counter(), []
     for number, prompt in enumerate(prompts, 1):
-        clock.times.clear()
+        if clock:
+            clock.times.clear()
         reply, requested_at = None, time.perf_counter()
         for reply in engine.stream_chat(label, prompt.prompt, list(prompt.history), prompt.system, sampling):
             pass
         finish_reason = reply.finish_reason if reply else "error"
         answer = {"id": prompt.id, "text": reply.text if reply else "", "finish_reason": finish_reason,
                   "error": reply.error if reply else "no reply",
-                  **answer_figures(requested_at, clock.times, finish_reason),
+                  **(answer_figures(requested_at, clock.times, finish_reason) if clock else
+                     {"ttft_s": reply.ttft_s, "tokens_per_s": reply.tokens_per_s,
+                      "answer_tokens": reply.tokens} if reply else {}),
                   "space_ttft_s": reply.ttft_s if reply else None,
                   "space_tokens_per_s": reply.tokens_per_s if reply else None,
                   "streamed_pieces": reply.tokens if reply else 0}

@@ -155,7 +155,7 @@ def write_chart(report: Mapping, path: Path) -> None:
          [None if m["generation"]["eot_share"] is None else 100 * m["generation"]["eot_share"] for m in models],
          "{:.0f}"),
         ("Mean answer length (tokens)", [m["generation"]["mean_answer_tokens"] for m in models], "{:.0f}"),
-        ("GGUF size (MB)", [m["size_bytes"] / 1e6 for m in models], "{:,.0f}"),
+        ("GGUF size (MB)", [None if m["size_bytes"] is None else m["size_bytes"] / 1e6 for m in models], "{:,.0f}"),
     ]
     figure, axes = plt.subplots(2, 3, figsize=(12, 6.5), dpi=100)
     colors = [plt.get_cmap("tab10")(index % 10) for index in range(len(labels))]

@@ -15,6 +15,8 @@ import argparse
 import os
 import random
 import sys
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -24,11 +26,11 @@ import gradio as gr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
-from space.catalog import catalog_from_paths, load_catalog  # noqa: E402
+from space.catalog import catalog_from_paths, catalog_from_servers, load_catalog  # noqa: E402
 from space.engine import COMPARE_MODES, DEFAULT_N_CTX, Engine  # noqa: E402
 from space.replies import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,  # noqa: E402
                            MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Sampling, UserError, throttled)
-from space.votes import VOTES, VoteLog, unique_vote_file  # noqa: E402
+from space.votes import VOTES, VoteLog, unique_vote_file, vote_problem  # noqa: E402
 
 STREAM_INTERVAL = 0.1  # seconds between streamed updates (see space.replies.throttled); 0 = one update per token
 EXAMPLES = [
@@ -75,24 +77,33 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
         if blind:
             random.shuffle(sides)
         shown = ("Model A", "Model B") if blind else tuple(sides)
-        state = {"models": sides, "message": message, "answers": ["", ""], "blind": bool(blind), "voted": False}
+        # finished: set only once both answers have ended, so a vote sent mid-stream (or after Stop) is refused.
+        state = {"models": sides, "message": message, "answers": ["", ""], "blind": bool(blind), "voted": False,
+                 "finished": False, "errors": [False, False]}
         reveal = "Blind: vote to see which model is which." if blind else f"A = {sides[0]}, B = {sides[1]}"
+        writing = "Both answers are being written: vote when they are done."
+        update = None
         for reply_a, reply_b in throttled(engine.stream_compare(sides[0], sides[1], message, system_prompt,
                                                                 _sampling(temperature, top_p, max_new_tokens),
                                                                 mode=compare_mode), stream_interval):
             state["answers"] = [reply_a.error or reply_a.text, reply_b.error or reply_b.text]
-            yield (
+            state["errors"] = [reply_a.error is not None, reply_b.error is not None]
+            update = (
                 [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][0]}],
                 [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][1]}],
                 f"**{shown[0]}** · {reply_a.stats()}", f"**{shown[1]}** · {reply_b.stats()}",
-                reveal, state,
+                writing, state,
             )
+            yield update
+        if update is not None:
+            state = {**state, "finished": True}
+            yield (*update[:-2], reveal, state)
 
     def vote(choice, state):
-        if not state or not state.get("models"):
-            return "Compare two answers first, then vote."
-        if state.get("voted"):
+        if isinstance(state, dict) and state.get("voted"):
             return f"Already voted: A = {state['models'][0]}, B = {state['models'][1]}."
+        if problem := vote_problem(state if isinstance(state, dict) else None):
+            return problem
         try:
             votes.record(state["models"][0], state["models"][1], choice, state["message"],
                          state["answers"][0], state["answers"][1], state["blind"])
@@ -142,6 +153,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             with gr.Row():
                 vote_buttons = [gr.Button(f"{choice}" if choice in ("tie", "both bad") else f"{choice} is better",
                                           elem_id=f"vote-{choice.replace(' ', '-')}") for choice in VOTES]
+            gr.Markdown(votes.notice(), elem_id="vote-notice")
             inputs = [message, model_a, model_b, c_system, c_temperature, c_top_p, c_max_new_tokens, blind]
             outputs = [chat_a, chat_b, stats_a, stats_b, reveal, state]
             send.click(compare, inputs, outputs, api_name="compare")
@@ -159,6 +171,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="a local GGUF to serve (repeatable; label from the file name) instead of the catalog")
+    parser.add_argument("--server", action="append", default=[], metavar="LABEL=URL#MODEL",
+                        help="an OpenAI-compatible server to serve beside the --model files (repeatable), e.g. "
+                             "1B=http://10.0.0.5:8080/v1#llama-1b; its key, if it needs one, in OPENAI_API_KEY")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--n-ctx", type=int, default=int(os.environ.get("SPACE_N_CTX", DEFAULT_N_CTX)))
@@ -166,6 +181,12 @@ def parse_args(argv=None):
                         help="where blind votes are appended (JSON lines)")
     parser.add_argument("--votes-repo", default=os.environ.get("SPACE_VOTES_REPO"),
                         help="a Hub dataset the vote log is pushed to every 10 minutes (optional)")
+    parser.add_argument("--cache-mb", type=int, default=int(os.environ.get("SPACE_CACHE_MB", 512)),
+                        help="RAM per model for saved conversation states (least recently used evicted first; 0 "
+                             "turns it off): 2 models x 512 MiB fit a free 16 GB Space beside a 1B and a 3B")
+    parser.add_argument("--memory-log-interval", type=float,
+                        default=float(os.environ.get("SPACE_MEMORY_LOG_INTERVAL", 600)),
+                        help="seconds between memory lines in the log (RSS, caches); 0 = none")
     parser.add_argument("--compare-mode", default=os.environ.get("SPACE_COMPARE_MODE", "interleaved"),
                         choices=COMPARE_MODES)
     parser.add_argument("--stream-interval", type=float,
@@ -182,11 +203,12 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        catalog = catalog_from_paths(args.model) if args.model else load_catalog()
+        catalog = (catalog_from_paths(args.model) if args.model else []) + catalog_from_servers(args.server)
+        catalog = catalog or load_catalog()
         print(extra_buffers().describe(), flush=True)  # which llama.cpp path every model here takes, and why
+        engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=max(0, args.cache_mb) * 2**20)
     except (UserError, LlamaSetupError) as e:
         sys.exit(f"error: {e}")
-    engine = Engine(catalog, n_ctx=args.n_ctx)
     votes_path = Path(args.votes)
     if args.votes_repo:  # pushed to the Hub: one file per process, so a restarted Space never overwrites votes
         votes_path = unique_vote_file(votes_path.parent)
@@ -195,7 +217,16 @@ def main(argv=None) -> None:
                     examples=args.example)
     # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
     app.queue(default_concurrency_limit=4)
+    if args.memory_log_interval > 0:
+        threading.Thread(target=_log_memory, args=(engine, args.memory_log_interval), daemon=True).start()
     app.launch(server_name=args.host, server_port=args.port, show_error=True)
+
+
+def _log_memory(engine: Engine, interval: float) -> None:
+    """A memory line every `interval` seconds: what a Space owner watches to size --cache-mb."""
+    while True:
+        print(engine.memory_line(), flush=True)
+        time.sleep(interval)
 
 
 if __name__ == "__main__":

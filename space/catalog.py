@@ -21,7 +21,8 @@ import yaml
 
 from space.replies import UserError, _one_line
 
-__all__ = ["ModelSpec", "load_catalog", "catalog_from_paths", "CATALOG_ENV", "DEFAULT_CATALOG"]
+__all__ = ["ModelSpec", "load_catalog", "catalog_from_paths", "catalog_from_servers", "CATALOG_ENV",
+           "DEFAULT_CATALOG"]
 
 DEFAULT_CATALOG = Path(__file__).with_name("models.yaml")
 CATALOG_ENV = "SPACE_MODELS"
@@ -145,3 +146,20 @@ def catalog_from_paths(paths: Sequence[str]) -> list[ModelSpec]:
             label = f"{stem} ({copy})"
         specs.append(ModelSpec(label=label, path=str(Path(path).expanduser())))
     return specs
+
+
+def catalog_from_servers(arguments: Sequence[str]) -> list[ModelSpec]:
+    """`app.py --server LABEL=URL#MODEL` (repeatable): OpenAI-compatible servers, checked like catalog entries.
+
+    >>> catalog_from_servers(["1B=http://10.0.0.5:8080/v1#llama-1b"])[0].model
+    'llama-1b'
+    """
+    entries = []
+    for argument in arguments:
+        label, equals, rest = argument.partition("=")
+        url, _, model = rest.partition("#")
+        if not (equals and label.strip() and url.strip() and model.strip()):
+            raise UserError(f"--server {argument!r}: expected LABEL=URL#MODEL, e.g. "
+                            "1B=http://10.0.0.5:8080/v1#llama-1b")
+        entries.append({"label": label.strip(), "base_url": url.strip(), "model": model.strip()})
+    return _catalog_from_entries(entries, "--server") if entries else []

@@ -33,7 +33,9 @@ from common.cli import UsageError, UsageParser, report_problem
 from common.files import output_folder_problem, remove_stale_temporaries, swap_in_folder, temporary_path
 from export.errors import ExportError
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id
+from space.catalog import catalog_from_servers
 from space.deploy_card import APP_NAME, GGUF_PATTERN, PACKAGE, TEMPLATE, render_card
+from space.replies import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # Read at call time, so tests can point them at a folder of their own.
@@ -73,6 +75,8 @@ class DeployConfig:
     votes_repo: str | None = None
     variable: list[str] = field(default_factory=list)
     report_url: str | None = None
+    server: list[str] = field(default_factory=list)
+    server_key_env: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -83,10 +87,16 @@ class DeployConfig:
                     validate_repo_id(value, flag)
                 except ExportError as error:
                     problems.append(str(error))
-        if not self.model_1b and not self.model_3b:
+        try:
+            catalog_from_servers(self.server)
+        except UserError as error:
+            problems.append(str(error))
+        if self.server_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.server_key_env):
+            problems.append(f"--server-key-env {self.server_key_env!r}: expected a secret's name like LLAMA_KEY")
+        if not self.model_1b and not self.model_3b and not self.server:
             problems.append("no model to serve: give --model-1b USER/NAME-GGUF and/or --model-3b USER/NAME-GGUF "
-                            "(the Hub repos export/to_gguf.py --push wrote)")
-        elif self.model_1b == self.model_3b:
+                            "(the Hub repos export/to_gguf.py --push wrote), or --server LABEL=URL#MODEL")
+        elif self.model_1b and self.model_1b == self.model_3b:
             problems.append(f"--model-1b and --model-3b are both {self.model_1b!r}: give the 1B and the 3B repo")
         for item in self.variable:
             key, equals, _ = item.partition("=")
@@ -118,9 +128,13 @@ class DeployConfig:
         return variables
 
     def catalog(self) -> list[dict]:
-        """What SPACE_MODELS holds: the 1B model, then the 3B, whichever were given."""
+        """What SPACE_MODELS holds: the 1B model, then the 3B, whichever were given, then the --server entries."""
         repos = (("1b", self.model_1b), ("3b", self.model_3b))
-        return [{"label": LABELS[size], "repo_id": repo, "filename": GGUF_PATTERN} for size, repo in repos if repo]
+        servers = [{"label": spec.label, "base_url": spec.base_url, "model": spec.model,
+                    **({"api_key_env": self.server_key_env} if self.server_key_env else {})}
+                   for spec in catalog_from_servers(self.server)]
+        return [{"label": LABELS[size], "repo_id": repo, "filename": GGUF_PATTERN} for size, repo in repos if repo] \
+            + servers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variable", action="append", default=[], metavar="KEY=VALUE",
                         help="another Space variable for the app, e.g. SPACE_VOTES_PATH=/data/votes.jsonl (repeatable)")
     parser.add_argument("--report-url", help="link to the comparison report scripts/compare.py wrote, for the card")
+    parser.add_argument("--server", action="append", default=[], metavar="LABEL=URL#MODEL",
+                        help="an OpenAI-compatible server the Space also offers (repeatable), e.g. "
+                             "'1B (llama-server)=http://10.0.0.5:8080/v1#llama-1b' (scripts/serve_openai.py)")
+    parser.add_argument("--server-key-env", metavar="SECRET",
+                        help="the Space secret holding the servers' API key (add it in the Space's settings; the "
+                             "key itself never goes through this command)")
     return parser
 
 
@@ -329,7 +349,7 @@ def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = No
         commit = client.create_commit(space_id, operations, repo_type="space",
                                       commit_message=f"Deploy the chat Space: {len(operations)} files",
                                       commit_description="Models: " + ", ".join(
-                                          model["repo_id"] for model in config.catalog()))
+                                          model.get("repo_id") or model["label"] for model in config.catalog()))
     # .gitattributes is the Hub's own (LFS rules); it is never part of the tree.
     stale = sorted(set(existing) - set(tree.files) - {".gitattributes"})
     return {"space_url": str(space_url), "commit_url": getattr(commit, "commit_url", None), "stale": stale}

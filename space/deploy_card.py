@@ -35,7 +35,7 @@ def card_front_matter(config, gradio_version: str) -> dict:
         "title": CARD["title"], "emoji": CARD["emoji"], "colorFrom": CARD["colorFrom"], "colorTo": CARD["colorTo"],
         "sdk": "gradio", "sdk_version": gradio_version, "app_file": APP_FILE, "python_version": PYTHON_VERSION,
         "pinned": False, "short_description": CARD["short_description"], "license": CARD["license"],
-        "models": [model["repo_id"] for model in config.catalog()], "datasets": CARD["datasets"],
+        "models": [model["repo_id"] for model in config.catalog() if "repo_id" in model], "datasets": CARD["datasets"],
         "tags": CARD["tags"],
     }
 
@@ -59,7 +59,8 @@ def fill_template(template: str, values: dict[str, str]) -> str:
 def render_card(config, template: str, gradio_version: str, llama_cpp_version: str) -> str:
     """README.md of the Space for a DeployConfig (its catalog, vote repo and report link)."""
     models = "\n".join(f"- **{model['label']}**: [{model['repo_id']}](https://huggingface.co/{model['repo_id']})"
-                       for model in config.catalog())
+                       if "repo_id" in model else f"- **{model['label']}**: served by an OpenAI-compatible server "
+                       "(llama.cpp's llama-server)" for model in config.catalog())
     if config.votes_repo:
         votes = (f"Votes are appended to a log on the Space and pushed to the dataset "
                  f"[{config.votes_repo}](https://huggingface.co/datasets/{config.votes_repo}).")

@@ -27,9 +27,10 @@ from llama_cpp import Llama, LlamaRAMCache
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from common.llama import gguf_chat_formatter, open_gguf, open_gguf_from_hub
-from common.machine import usable_cpus
+from common.machine import rss_bytes, usable_cpus
 from space.catalog import ModelSpec
 from space.history import flatten_content, history_to_messages, reusable_prefix, trim_history
+from space.remote import RemoteModel
 from space.replies import Reply, Sampling, UserError, _one_line
 
 __all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS"]
@@ -78,6 +79,10 @@ class _StateCache(LlamaRAMCache):
         super().__setitem__(key, value)
 
 
+_CONTROL = b"\xff"  # before a control token's bytes where prompts are matched with the context (never in UTF-8)
+_MARK = " \ue000{}\ue001 "  # stands for message i's content while the template renders; spaces show whether it trims
+
+
 @dataclass
 class _Model:
     """A loaded model and the chat formatter its GGUF's template makes."""
@@ -85,24 +90,70 @@ class _Model:
     llm: Llama
     formatter: Jinja2ChatFormatter
 
+    def segments(self, messages: list[dict]) -> tuple[list[tuple[bytes, bool]], object]:
+        """The prompt as (bytes, special) parts, and the formatter's response (stop strings and tokens).
+
+        The template's own text is tokenized with its markers as special tokens (<|start_header_id|>, <|eot_id|>);
+        what users and the system prompt wrote is tokenized as text, so `<|eot_id|>` typed in a message is ten
+        characters, not the end of a turn, and nobody can forge a turn of the conversation. The template renders
+        a mark in place of each content, and the content goes where its mark landed, trimmed when the template
+        trims (Llama 3's does).
+        """
+        marked = [{**message, "content": _MARK.format(i)} for i, message in enumerate(messages)]
+        rendered = self.formatter(messages=marked)
+        text, parts, position = rendered.prompt, [], 0
+        for i, message in enumerate(messages):
+            mark, content = _MARK.format(i), str(message["content"])
+            at = text.find(mark, position)
+            if at < 0:  # the template trimmed the mark's spaces: it trims contents
+                mark, content = mark.strip(), content.strip()
+                at = text.find(mark, position)
+            if at < 0:
+                raise UserError(f"The model's chat template does not show message {i + 1} as written; this Space "
+                                "cannot serve it safely (re-export it with export/to_gguf.py)")
+            parts += [(text[position:at], True), (content, False)]
+            position = at + len(mark)
+        parts.append((text[position:], True))
+        return [(part.encode("utf-8"), special) for part, special in parts if part], rendered
+
+    def _tokenize(self, parts: list[tuple[bytes, bool]], skip: int = 0) -> list[int]:
+        """The parts' tokens, from byte `skip` of their marked form on (see _marked; the template writes
+        <|begin_of_text|> itself: no BOS added)."""
+        tokens, start = [], 0
+        for data, special in parts:
+            if start + len(data) > skip:
+                rest = data[max(0, skip - start):].replace(_CONTROL, b"")
+                tokens += self.llm.tokenize(rest, add_bos=False, special=special)
+            start += len(data)
+        return tokens
+
+    def _marked(self, parts: list[tuple[bytes, bool]]) -> list[tuple[bytes, bool]]:
+        """The parts with _CONTROL before each control token the template's own text holds, as _piece spells them,
+        so that prefix reuse matches a control token only with a control token, never with the same characters
+        typed by a user (no UTF-8 text holds the byte 0xFF)."""
+        return [(b"".join(self._piece(token) for token in self.llm.tokenize(data, add_bos=False, special=True))
+                 if special else data, special) for data, special in parts]
+
     def prompt_tokens(self, messages: list[dict]) -> tuple[list[int], object]:
         """The prompt's tokens, and the formatter's response (stop strings and tokens), continuing from the tokens
-        already in the model's context wherever they spell the same text (see reusable_prefix)."""
-        rendered = self.formatter(messages=messages)
-        prompt = rendered.prompt.encode("utf-8")
+        already in the model's context wherever they spell the same text, control tokens as control tokens (see
+        reusable_prefix)."""
+        parts, rendered = self.segments(messages)
+        marked = self._marked(parts)
         context = [int(token) for token in self.llm.input_ids[: self.llm.n_tokens]]  # the tokens in the context
-        kept, offset = reusable_prefix(context, self._piece, prompt)
-        rest = self.llm.tokenize(prompt[offset:], add_bos=False, special=True) if offset < len(prompt) else []
-        return context[:kept] + rest, rendered
+        kept, offset = reusable_prefix(context, self._piece, b"".join(data for data, _ in marked))
+        return context[:kept] + self._tokenize(marked, offset), rendered
 
     def _piece(self, token: int) -> bytes:
-        return self.llm.detokenize([token], special=True)
+        """The token's bytes; a control token's (<|eot_id|>, ...) after _CONTROL."""
+        text = self.llm.detokenize([token], special=True)
+        if text and not self.llm.detokenize([token], special=False):
+            return _CONTROL + text
+        return text
 
     def count_tokens(self, messages: list[dict]) -> int:
-        """Tokens of the prompt exactly as create_chat_completion builds it from `messages`."""
-        prompt = self.formatter(messages=messages).prompt
-        # The template writes <|begin_of_text|> itself: no BOS added, special tokens parsed (as the handler does).
-        return len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+        """Tokens of the prompt exactly as it is generated from (see segments)."""
+        return len(self._tokenize(self.segments(messages)[0]))
 
 
 def _chat_formatter(llm: Llama, label: str) -> Jinja2ChatFormatter:
@@ -146,6 +197,8 @@ class Engine:
         self.seed = seed
         self._loader = loader or self._load_llama
         self._models: dict[str, _Model] = {}
+        # Models behind an OpenAI-compatible server (space/remote.py): no lock here, the server queues or batches.
+        self._remote = {spec.label: RemoteModel(spec) for spec in catalog if spec.is_remote}
         # threading.Lock, not RLock: Gradio may resume a generator on another worker thread than the one that
         # acquired, and only a plain Lock may be released from any thread. It is not reentrant, hence the
         # care below wherever one caller needs two models (stream_compare).
@@ -166,8 +219,22 @@ class Engine:
             raise UserError(f"Unknown model '{_one_line(label, 80)}'; choose one of: {', '.join(self.labels)}")
         return label
 
+    def memory_line(self) -> str:
+        """This process's RSS and each loaded model's prompt-state cache against its bound, for the Space's log."""
+        caches = ", ".join(f"{label} {model.llm.cache.cache_size / 2**20:.0f} MiB" for label, model in
+                           list(self._models.items()) if model.llm.cache is not None) or "none loaded"
+        rss = rss_bytes()
+        return (f"memory: RSS {'unknown' if rss is None else f'{rss / 2**20:,.0f}'} MiB; prompt-state caches "
+                f"(bound {self.cache_bytes / 2**20:.0f} MiB each): {caches}")
+
+    def is_remote(self, label: str) -> bool:
+        """Whether this catalog model is served elsewhere, over the OpenAI API (no GGUF loaded here)."""
+        return label in self._remote
+
     def _model(self, label) -> _Model:
         label = self._check_label(label)
+        if label in self._remote:
+            raise UserError(f"Model '{label}' is served by {self._remote[label].spec.base_url}; it has no GGUF here")
         model = self._models.get(label)
         if model is None:
             with self._loading:  # one load at a time; a second caller finds the model loaded
@@ -192,8 +259,8 @@ class Engine:
         return self._model(label).formatter
 
     def is_busy(self, label: str) -> bool:
-        """Whether a generation holds this model now (others wait for it)."""
-        return self._locks[self._check_label(label)].locked()
+        """Whether a generation holds this model now (others wait for it); a server's model never does."""
+        return label not in self._remote and self._locks[self._check_label(label)].locked()
 
     @contextmanager
     def _holding(self, labels: list[str], cancel: threading.Event | None):
@@ -202,7 +269,7 @@ class Engine:
         Several locks are taken in catalog order, so two comparisons of the same pair in opposite order
         cannot each hold one model and wait forever for the other.
         """
-        locks = [self._locks[label] for label in sorted(set(labels), key=self.labels.index)]
+        locks = [self._locks[label] for label in sorted(set(labels) - set(self._remote), key=self.labels.index)]
         held = []
         try:
             for lock in locks:
@@ -218,7 +285,7 @@ class Engine:
 
     # -------------------------------------------------------------- one answer
     def _prepare(self, label, message, history, system_prompt: str,
-                 sampling: Sampling) -> tuple[_Model, list[dict], Sampling]:
+                 sampling: Sampling) -> tuple[_Model | RemoteModel, list[dict], Sampling]:
         """Validate a request and build its trimmed messages; UserError for anything the user can fix."""
         text = message if isinstance(message, str) else flatten_content(message)
         if not text.strip():
@@ -229,22 +296,27 @@ class Engine:
         sampling = sampling.clamped() if isinstance(sampling, Sampling) else Sampling()
         # At most half the context for the answer, so a long answer never pushes out the whole conversation.
         sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.n_ctx // 2))
-        with _reported(f"Could not load model '{label}'"):  # a download or load failure
-            model = self._model(label)
         system = system_prompt.strip() if isinstance(system_prompt, str) else ""
         messages = ([{"role": "system", "content": system}] if system else []) + history_to_messages(history)
         messages.append({"role": "user", "content": text.strip()})
+        if self._check_label(label) in self._remote:  # the server applies its template and its context limit
+            return self._remote[label], messages, sampling
+        with _reported(f"Could not load model '{label}'"):  # a download or load failure
+            model = self._model(label)
         with _reported(f"Could not build the prompt for '{label}'"):  # e.g. a template's raise_exception()
             messages = trim_history(messages, model.count_tokens, self.n_ctx, sampling.max_new_tokens,
                                     self.drop_step)
         return model, messages, sampling
 
-    def _generate(self, label: str, model: _Model, messages: list[dict], sampling: Sampling,
+    def _generate(self, label: str, model: _Model | RemoteModel, messages: list[dict], sampling: Sampling,
                   cancel: threading.Event | None, started: float) -> Iterator[Reply]:
-        """Stream one answer, ending with a done Reply (an error one if llama.cpp fails).
+        """Stream one answer, ending with a done Reply (an error one if llama.cpp or the server fails).
 
-        The caller holds the model's lock for as long as this generator runs.
+        The caller holds the model's lock for as long as this generator runs (a server's model has none).
         """
+        if isinstance(model, RemoteModel):
+            yield from model.stream(messages, sampling, cancel, started)
+            return
         reply = Reply(text="")
         first_token_at = None
         try:

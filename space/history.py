@@ -100,8 +100,10 @@ def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int]
     starts = [0] + [i for i, message in enumerate(history) if i > 0 and message["role"] == "user"] + [len(history)]
     needed = count_tokens(head + new)
     if needed > budget:
-        raise UserError(f"Your message is too long for this model's context ({needed} tokens, limit {budget}); "
-                        "shorten it.")
+        # The part to shorten: the system prompt when the message alone would fit, else the message.
+        part = "system prompt" if head and count_tokens(new) <= budget else "message"
+        raise UserError(f"Your {part} is too long for this model's context: the prompt would be {needed:,} tokens, "
+                        f"{needed - budget:,} over the limit of {budget:,}; shorten the {part} by at least that much.")
     # Fewer messages never need more tokens, so binary-search the first start that fits: a handful of
     # renders even for a long (or hostile) history.
     low, high = 0, len(starts) - 1

@@ -49,7 +49,8 @@ class RemoteModel:
                 import httpx
                 from openai import OpenAI
 
-                key = os.environ.get(self.spec.api_key_env, "") if self.spec.api_key_env else ""
+                # The entry's own variable, else the client's convention (OPENAI_API_KEY), else none.
+                key = os.environ.get(self.spec.api_key_env or "OPENAI_API_KEY", "")
                 # max_retries=0: a retried chat would start the answer again behind the user's back.
                 self._client = OpenAI(base_url=self.spec.base_url, api_key=key or "not-needed", max_retries=0,
                                       timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))

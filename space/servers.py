@@ -40,14 +40,14 @@ CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLA
                  "-DGGML_CCACHE=OFF")
 
 
-def llama_server_binary() -> Path:
-    """Where the built llama-server lives: one per llama-cpp-python version, under the project's cache."""
-    return cache_root() / f"llama-server-{llama_cpp_version()}" / "llama-server"
+def llama_server_binary(root: Path | None = None) -> Path:
+    """Where the built llama-server lives: one per llama-cpp-python version, under `root` (the project's cache)."""
+    return (root or cache_root()) / f"llama-server-{llama_cpp_version()}" / "llama-server"
 
 
-def build_llama_server(log: Callable[[str], None] = print, jobs: int | None = None) -> Path:
+def build_llama_server(log: Callable[[str], None] = print, jobs: int | None = None, root: Path | None = None) -> Path:
     """llama-server, built once from the source archive's vendor/llama.cpp and cached; later calls return it."""
-    binary = llama_server_binary()
+    binary = llama_server_binary(root)
     if binary.is_file():
         return binary
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
@@ -117,21 +117,23 @@ def python_server_command(model: Path, *, port: int, ctx: int = 4096, host: str 
 
 
 def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll `base_url`/models until the server answers (any HTTP status: one that wants a key answers 401);
-    LlamaSetupError when it exits or the time runs out."""
+    """Poll `base_url`/models until the server answers (a 401 counts: it wants a key; a 503 does not: llama-server
+    is still loading the model); LlamaSetupError when it exits or the time runs out."""
     deadline = time.time() + timeout
     while True:
         try:
             with urllib.request.urlopen(f"{base_url.rstrip('/')}/models", timeout=2):
                 return
-        except urllib.error.HTTPError:
-            return
+        except urllib.error.HTTPError as error:
+            if error.code != 503:
+                return
         except OSError:
-            if process.poll() is not None:
-                raise LlamaSetupError(f"the server exited with status {process.returncode} before it was ready")
-            if time.time() > deadline:
-                raise LlamaSetupError(f"the server at {base_url} was not ready within {timeout:.0f} s")
-            time.sleep(0.3)
+            pass  # not listening yet
+        if process.poll() is not None:
+            raise LlamaSetupError(f"the server exited with status {process.returncode} before it was ready")
+        if time.time() > deadline:
+            raise LlamaSetupError(f"the server at {base_url} was not ready within {timeout:.0f} s")
+        time.sleep(0.3)
 
 
 def _serve_python(argv: list[str]) -> None:

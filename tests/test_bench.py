@@ -164,3 +164,24 @@ def test_startup_section_renders_against_its_targets():
 
     text = "\n".join(render(section))
     assert "| fresh | **30.0 s** |" in text and "| resume | **12.0 s** |" in text and "1.50 GB" in text
+
+
+def test_concurrency_section_renders_and_says_when_to_switch(tmp_path):
+    from bench import concurrency
+
+    def figures(aggregate, per_user, p50, p95):
+        return {"users": 0, "wall_s": 1.0, "tokens": 128, "aggregate_tokens_per_s": aggregate,
+                "per_user_tokens_per_s": per_user, "ttft_p50_s": p50, "ttft_p95_s": p95}
+
+    section = {"measured": "2026-12-03 07:00", "cpu": "Test CPU", "cores": 2, "gguf": "1b-Q4_K_M.gguf",
+               "gguf_bytes": 807_694_048, "new_tokens": 128, "runs": {
+                   "engine": {"1": [figures(20, 20, 0.3, 0.3)], "4": [figures(20, 20, 9.0, 19.0)]},
+                   "llama-server": {"1": [figures(19, 19, 0.3, 0.3)], "4": [figures(45, 11, 0.9, 1.2)]}}}
+    text = "\n".join(concurrency.render(section))
+    assert "| 4 | llama-server | **45.0** | 11.0 | 0.90 s | 1.20 s |" in text
+    assert "llama-server serves **2.2×** the engine's tokens/s" in text and "From 4 users at once" in text
+    s = summary.summary({"sections": {"concurrency": section}})
+    assert s["concurrency"]["engine"][4]["ttft_p95_s"] == 19.0
+    render_chart(s, tmp_path / "chart.png")
+    section["runs"]["llama-server"]["4"] = [figures(15, 4, 9.5, 20.0)]
+    assert "keep the in-process engine" in concurrency.switch_advice(concurrency.medians(section))

@@ -347,7 +347,7 @@ def test_network_errors_are_one_line(deploy_space, fake_space, capsys, token_env
 @pytest.mark.parametrize("argv, message", [
     (["--space-id", SPACE_ID],
      "no model to serve: give --model-1b USER/NAME-GGUF and/or --model-3b USER/NAME-GGUF (the Hub repos "
-     "export/to_gguf.py --push wrote)"),
+     "export/to_gguf.py --push wrote), or --server LABEL=URL#MODEL"),
     (["--space-id", "finetome-chat", "--model-1b", MODEL_1B],
      "--space-id 'finetome-chat': expected USER/NAME (a user or organization, then the repo)"),
     (["--space-id", "alice/fine--chat", "--model-1b", MODEL_1B],
@@ -426,6 +426,19 @@ def test_template_placeholders_must_all_be_known_and_used():
 def test_requirements_space_is_pinned_and_commented():
     lines = [line for line in REQUIREMENTS_SPACE.read_text().splitlines() if line and not line.startswith("#")]
     assert lines == ["gradio==6.31.0", "llama-cpp-python==0.3.36 --config-settings=cmake.define.GGML_NATIVE=OFF",
-                     "huggingface_hub==1.33.0", "pyyaml==6.0.3"]
+                     "huggingface_hub==1.33.0", "pyyaml==6.0.3", "openai==3.57.0"]
     assert "compiles llama.cpp" in REQUIREMENTS_SPACE.read_text()
 
+
+
+def test_a_server_joins_the_catalog_and_its_key_stays_a_secrets_name(tmp_path):
+    from common.cli import UsageError
+    from space.deploy import config_from_args
+
+    config = config_from_args(["--space-id", SPACE_ID, "--model-3b", "alice/m3-GGUF", "--server",
+                               "1B (llama-server)=http://10.0.0.5:8080/v1#llama-1b", "--server-key-env", "LLAMA_KEY"])
+    catalog = json.loads(config.variables()["SPACE_MODELS"])
+    assert catalog[-1] == {"label": "1B (llama-server)", "base_url": "http://10.0.0.5:8080/v1", "model": "llama-1b",
+                           "api_key_env": "LLAMA_KEY"}
+    with pytest.raises(UsageError, match="--server 'nonsense': expected LABEL=URL#MODEL"):
+        config_from_args(["--space-id", SPACE_ID, "--server", "nonsense"])

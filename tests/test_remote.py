@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import ARTIFACTS, REPO, free_port
 from space.catalog import ModelSpec, load_catalog
 from space.remote import RemoteModel
 from space.replies import Sampling, UserError
-from space.servers import python_server_command, server_environment, wait_until_ready
+from space.servers import (build_llama_server, llama_server_command, python_server_command, server_environment,
+                           wait_until_ready)
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -114,3 +115,199 @@ def test_a_wrong_key_and_an_unreachable_server_are_one_line_each(openai_server, 
     last = list(remote(gone).stream(HELLO, Sampling(), None, time.perf_counter()))[-1]
     assert last.error == (f"Could not reach 'tiny (server)' at {gone}; check that the server is running and the URL "
                           "is right.") and last.finish_reason == "error"
+
+
+@pytest.fixture(scope="module")
+def llama_server(tiny_gguf, tmp_path_factory):
+    """llama.cpp's llama-server, built from the pinned llama-cpp-python's source archive (once per checkout: kept in
+    test-artifacts/, ~7 min on 2 cores), on the tiny GGUF with two slots; yields (base_url, its log file)."""
+    binary = build_llama_server(root=ARTIFACTS)
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    argv = llama_server_command(binary, tiny_gguf, port=port, slots=2, ctx_per_slot=1024, alias="tiny")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                   env=server_environment("llama-server", None))
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until_ready(base_url, process)
+        yield base_url, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_llama_server_answers_two_users_at_once_and_stops_on_request(llama_server):
+    base_url, log_path = llama_server
+    model = RemoteModel(ModelSpec("tiny (llama-server)", base_url=base_url, model="tiny"))
+    results = [None, None]
+
+    def user(index):
+        results[index] = list(model.stream([{"role": "user", "content": f"Question {index}?"}],
+                                           Sampling(temperature=0.0, max_new_tokens=128), None, time.perf_counter()))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for replies in results:
+        assert replies[-1].error is None and replies[-1].text and 0 < replies[-1].tokens <= 128
+    slots = {line.split("id ")[1].split()[0] for line in log_path.read_text().splitlines()
+             if "print_timing" in line and "eval time" in line and "prompt" not in line}
+    assert len(slots) == 2  # the two conversations were given two slots
+
+    cancel, seen = threading.Event(), 0
+    for reply in model.stream(HELLO, Sampling(temperature=1.5, max_new_tokens=900), cancel, time.perf_counter()):
+        seen += 1
+        if seen == 3:
+            cancel.set()
+    assert reply.finish_reason == "cancelled"
+    deadline = time.time() + 30
+    while "cancel task" not in log_path.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    assert "cancel task" in log_path.read_text()  # llama-server saw the stream close and cancelled the generation
+
+
+def test_the_engine_serves_a_server_beside_a_local_gguf(openai_server, tiny_gguf, monkeypatch):
+    """Chat and compare (local vs remote, interleaved) through the Space's engine; a dead server is one line in
+    its own panel while the local model answers."""
+    from space.engine import Engine
+
+    monkeypatch.setenv("TINY_KEY", "tiny-secret")
+    catalog = [ModelSpec("local", path=str(tiny_gguf)),
+               ModelSpec("server", base_url=openai_server[0], model="tiny", api_key_env="TINY_KEY"),
+               ModelSpec("dead", base_url=f"http://127.0.0.1:{free_port()}/v1", model="tiny")]
+    engine = Engine(catalog, n_ctx=1024)
+    assert engine.is_remote("server") and not engine.is_remote("local") and not engine.is_busy("server")
+    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    *_, reply = engine.stream_chat("server", "Hello!", [{"role": "user", "content": "Hi"},
+                                                        {"role": "assistant", "content": "Hey."}], "Be brief.", greedy)
+    assert reply.done and reply.error is None and reply.text and reply.ttft_s > 0
+    states = list(engine.stream_compare("local", "server", "Hello!", sampling=greedy, mode="interleaved"))
+    a, b = states[-1]
+    assert a.error is None and b.error is None and a.text and b.text
+    assert a.text == b.text  # the same GGUF, greedy, the same template: the same answer either way
+    a, b = list(engine.stream_compare("local", "dead", "Hello!", sampling=greedy, mode="interleaved"))[-1]
+    assert a.error is None and a.text
+    assert b.error.startswith("Could not reach 'dead' at http://127.0.0.1:") and "\n" not in b.error
+
+
+def test_compare_cli_compares_a_local_gguf_with_a_server(openai_server, tiny_gguf, tmp_path, monkeypatch):
+    import json
+
+    from conftest import run_cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", "tiny-secret")  # the openai client's own variable, for a --model URL
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "plain", "prompt": "Name a colour."}) + "\n")
+    out = tmp_path / "report"
+    result = run_cli("scripts/compare.py", "--model", f"local={tiny_gguf}", "--model",
+                     f"server={openai_server[0]}#tiny", "--prompts", str(prompts), "--max-tokens", "16",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    local, server = json.loads((out / "compare.json").read_text())["models"]
+    assert server["source"] == f"{openai_server[0]}#tiny" and server["size_bytes"] is None
+    assert server["heldout"]["perplexity"] is None and "OpenAI API" in server["heldout"]["not_scored"]
+    assert local["heldout"]["perplexity"] > 1
+    answer = server["generation"]["per_prompt"][0]
+    assert answer["text"] and answer["error"] is None and answer["ttft_s"] > 0 and 1 <= answer["answer_tokens"] <= 16
+    markdown = (out / "compare.md").read_text()
+    assert "| | local | server |" in markdown and "| GGUF size | " in markdown
+
+    gone = f"server=http://127.0.0.1:{free_port()}/v1#tiny"
+    result = run_cli("scripts/compare.py", "--model", f"local={tiny_gguf}", "--model", gone,
+                     "--prompts", str(prompts), "--out", str(tmp_path / "r2"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --model {gone}: Could not reach 'server'")
+
+
+@pytest.fixture(scope="module")
+def space_with_a_server(openai_server, tiny_gguf, tmp_path_factory):
+    """`python space/app.py --model TINY --server server=URL#tiny`, the key in OPENAI_API_KEY; yields (url, votes)."""
+    import os
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("space-remote")
+    votes, port = folder / "votes.jsonl", free_port()
+    log = (folder / "app.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "space/app.py"), "--model", str(tiny_gguf), "--server",
+         f"server={openai_server[0]}#tiny", "--host", "127.0.0.1", "--port", str(port), "--votes", str(votes),
+         "--n-ctx", "1024", "--stream-interval", "0"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OPENAI_API_KEY": "tiny-secret"})
+    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert process.poll() is None and time.time() < deadline, (folder / "app.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield url, votes
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_the_space_chats_compares_and_votes_with_a_server(space_with_a_server, tiny_gguf):
+    import json
+
+    from gradio_client import Client
+
+    url, votes = space_with_a_server
+    local = tiny_gguf.stem
+    client = Client(url, verbose=False)
+    job = client.submit("Hello there!", "server", "", 0.7, 0.9, 24, api_name="/chat")
+    updates = list(job)
+    answer, stats = job.result()
+    assert len(updates) > 2 and answer and "tok/s" in stats
+    chat_a, chat_b, stats_a, stats_b, reveal = client.predict(
+        "What is 2 + 2?", local, "server", "", 0.0, 1.0, 16, False, api_name="/compare")
+    assert chat_a[-1]["content"] == chat_b[-1]["content"]  # one GGUF, greedy, served here and there
+    assert local in stats_a and "server" in stats_b
+    assert "Thanks" in client.predict("A", api_name="/vote")
+    record = json.loads(votes.read_text().splitlines()[-1])
+    assert (record["model_a"], record["model_b"], record["vote"]) == (local, "server", "A")
+
+
+def test_votes_that_mean_nothing_are_refused(space_with_a_server, tiny_gguf):
+    from gradio_client import Client
+
+    url, votes = space_with_a_server
+    before = votes.read_text() if votes.exists() else ""
+    client = Client(url, verbose=False)
+    assert client.predict("A", api_name="/vote") == "Compare two answers first, then vote."
+    client.predict("Hi", tiny_gguf.stem, tiny_gguf.stem, "", 0.7, 0.9, 16, True, api_name="/compare")
+    assert client.predict("B", api_name="/vote").startswith(f"Both sides were {tiny_gguf.stem}")
+    client.predict("   ", tiny_gguf.stem, "server", "", 0.7, 0.9, 16, True, api_name="/compare")
+    assert "is an error, so there is nothing to judge" in client.predict("tie", api_name="/vote")
+    assert (votes.read_text() if votes.exists() else "") == before  # nothing logged
+
+
+def test_a_browser_chats_with_the_server_model(space_with_a_server):
+    """Debian's Chromium picks the server's model in the Chat tab and watches its answer stream in."""
+    import shutil
+
+    if not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=shutil.which("chromium"), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(space_with_a_server[0])
+        page.locator("#chat-model input").click()
+        page.get_by_role("option", name="server").click()
+        assert page.locator("#chat-model input").input_value() == "server"
+        page.locator("#chat-input textarea").fill("Hello from the browser!")
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "() => (document.querySelector('#chat-stats')?.innerText || '').includes('tok/s')", timeout=60_000)
+        bot = page.locator("#chat-bot .message.bot, #chat-bot [data-testid='bot']")
+        assert bot.count() and bot.last.inner_text().strip()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat-server.png"), full_page=True)
+        browser.close()

@@ -72,6 +72,8 @@ def test_compare_blind_then_vote_reveals_the_models(page):
         page.wait_for_function(
             f"() => (document.querySelector('#compare-stats-{side}')?.innerText || '').includes('tok/s')",
             timeout=90_000)
+    page.wait_for_function(  # both answers finished: a vote now counts (one sent mid-stream is refused)
+        "() => (document.querySelector('#compare-reveal')?.innerText || '').includes('vote to see')", timeout=90_000)
     assert "Model A" in page.locator("#compare-stats-a").inner_text()  # names hidden in blind mode
     assert last_bot_message(page, "compare-chat-a").strip() and last_bot_message(page, "compare-chat-b").strip()
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
