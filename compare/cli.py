@@ -5,6 +5,7 @@
     python scripts/compare.py --model q4=exports/tiny/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf \\
                               --model q8=exports/tiny/Tiny-Llama-3.2-FineTome-Q8_0.gguf --max-tokens 64
     python scripts/compare.py --model 1B=… --heldout outputs/llama-3.2-1b-finetome   # that run's own eval split
+    python scripts/compare.py leaderboard votes/      # the arena ratings of the Space's blind votes (compare.ratings)
 
 A model is LABEL=PATH (a local .gguf) or LABEL=OWNER/NAME[:GLOB] (a Hub repo and a glob matching one GGUF in it,
 default *Q4_K_M.gguf, downloaded into the huggingface_hub cache as the Space does). Writes into --out:
@@ -23,7 +24,9 @@ Scoring keeps every logit row of a conversation: n_vocab × 4 bytes (0.5 MB for 
 one, at most --n-ctx tokens (2 GB at 4096).
 
 This module holds the command line (the config, its checks, main) and the run that measures every model in turn;
-the measuring itself is in compare.heldout and compare.prompts, the report in compare.report.
+the measuring itself is in compare.heldout and compare.prompts, the report in compare.report. The `leaderboard`
+subcommand prints the arena ratings of vote logs (a file, or a folder of them) as the Space's Leaderboard tab shows
+them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +56,7 @@ from train.data import DataError
 from .heldout import HeldOut, load_heldout, score_heldout
 from .models import DEFAULT_GLOB, check_model_arguments, describe_source, load_models
 from .prompts import DEFAULT_PROMPTS, PROMPT_EXAMPLE, REPO, Prompt, generate_answers, load_prompts
+from .ratings import ROUNDS, format_leaderboard, leaderboard, read_votes
 from .report import FILES, format_number, write_report
 
 DEFAULT_OUT = "outputs/compare"
@@ -85,7 +90,9 @@ class CompareConfig:
 
 
 def build_parser() -> UsageParser:
-    parser = UsageParser(prog="python scripts/compare.py", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="python scripts/compare.py", description=__doc__.splitlines()[0],
+                         epilog="python scripts/compare.py leaderboard VOTES… prints the arena ratings of the "
+                                "Space's vote logs instead (leaderboard --help)")
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=PATH_OR_REPO",
                         help="a model to compare (repeatable): LABEL=path/to/X.gguf or LABEL=USER/NAME[:GLOB] "
                              f"(a Hub repo; GLOB defaults to {DEFAULT_GLOB})")
@@ -220,9 +227,51 @@ def run(config: CompareConfig) -> dict:
     }
 
 
+# ---------------------------------------------------------------------- the leaderboard subcommand
+def build_leaderboard_parser() -> UsageParser:
+    parser = UsageParser(prog="python scripts/compare.py leaderboard",
+                         description="The arena leaderboard of the Space's blind votes: Bradley-Terry ratings with "
+                                     "bootstrap 95% intervals, win rates and vote counts per pair (compare/ratings.py)")
+    parser.add_argument("votes", nargs="+", metavar="VOTES",
+                        help="a vote log (JSON Lines, as the Space writes votes/*.jsonl) or a folder of them (every "
+                             "*.jsonl below it); several may be given")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"bootstrap rounds for the intervals, 100-100000 (default: {ROUNDS})")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default: 0)")
+    return parser
+
+
+def leaderboard_main(argv: Sequence[str]) -> int:
+    """`leaderboard VOTES…`: print the table (exit 0); exit 2 on a mistake in the arguments, 1 when the files hold no
+    vote or cannot be read, each with one `error:` line."""
+    try:
+        args = build_leaderboard_parser().parse_args(argv)
+        problems = [f"VOTES {path!r}: no such file or folder; give a vote log (the Space's votes/*.jsonl) or the "
+                    "folder holding them" for path in args.votes if not Path(path).exists()]
+        if not 100 <= args.rounds <= 100_000:
+            problems.append(f"--rounds {args.rounds}: must be between 100 and 100000")
+        if problems:
+            raise UsageError(problems)
+    except UsageError as error:
+        return error.report()
+    try:
+        votes = read_votes(args.votes)
+    except OSError as error:
+        return report_problem(error)
+    if not votes.battles:
+        skipped = f" ({votes.corrupt} corrupt line(s) skipped, first: {votes.problems[0]})" if votes.corrupt else ""
+        return report_problem(ValueError(f"no votes in {', '.join(args.votes)}{skipped}; vote in the Space's Compare "
+                                         "tab, or give its votes/ folder"))
+    print(format_leaderboard(leaderboard(votes, rounds=args.rounds, seed=args.seed)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: check the arguments (exit 2 on a mistake), measure, write the report (exit 0), or exit 1
-    with one `error:` line when a model cannot be had."""
+    with one `error:` line when a model cannot be had. `leaderboard VOTES…` prints the arena ratings instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["leaderboard"]:
+        return leaderboard_main(argv[1:])
     try:
         config = config_from_args(argv)
     except UsageError as error:

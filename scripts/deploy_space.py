@@ -4,6 +4,8 @@
     python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b USER/Llama-3.2-1B-Instruct-FineTome-GGUF \
         --model-3b USER/Llama-3.2-3B-Instruct-FineTome-GGUF
     python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b USER/X-GGUF --dry-run out/space
+    python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b … --model-3b … --base-models \
+        --votes-repo USER/finetome-votes --report reports/1b-vs-3b   # the arena: fine-tunes vs bases, votes, report
 
 The logic, and what the Space gets, is in space/deploy.py.
 """

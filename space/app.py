@@ -6,7 +6,8 @@
 The same file is the Space's app_file (space/app.py there too: the Space's tree mirrors the repo's). The UI is
 thin: every decision (templating, trimming, locking, validation, sampling bounds) is made by the space package's
 pure modules (space.engine.Engine and its neighbours), which the tests drive without a browser.
-API: `/chat` (one streamed turn), `/compare` (the same message to two models), `/vote` (after a compare).
+API: `/chat` (one streamed turn), `/compare` (the same message to two models), `/vote` (after a compare),
+`/leaderboard` (the arena ratings of the votes so far, space.leaderboard and compare.ratings).
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 # `python space/app.py` puts space/ on sys.path, not the folder above it that holds the space and common packages
 # (the repo here, the Space's root there: scripts/deploy_space.py uploads the same layout).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
+from compare.ratings import PAIR_HEADERS, RATING_HEADERS, pair_rows, rating_rows, summary  # noqa: E402
 from space.catalog import catalog_from_paths, catalog_from_servers, load_catalog  # noqa: E402
 from space.engine import COMPARE_MODES, DEFAULT_N_CTX, Engine  # noqa: E402
+from space.leaderboard import VoteSources, fair_pair, load_report, report_caption, report_headlines  # noqa: E402
 from space.replies import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,  # noqa: E402
                            MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Sampling, UserError, throttled)
 from space.votes import VOTES, VoteLog, unique_vote_file, vote_problem  # noqa: E402
 
 STREAM_INTERVAL = 0.1  # seconds between streamed updates (see space.replies.throttled); 0 = one update per token
+LEADERBOARD_EVERY_S = 60  # the Leaderboard tab refreshes itself this often (and on its button, and when opened)
 EXAMPLES = [
     "Explain what a LoRA adapter is in two sentences.",
     "Write a Python function that checks whether a string is a palindrome.",
@@ -42,7 +47,13 @@ EXAMPLES = [
 DESCRIPTION = (
     "Llama-3.2 Instruct fine-tuned on [FineTome-100k](https://huggingface.co/datasets/mlabonne/FineTome-100k) "
     "with LoRA, merged and quantized to **q4_k_m GGUF**, served on CPU by llama.cpp. "
-    "**Chat** with one model, or **Compare** two on the same message (blind, if you like) and vote."
+    "**Chat** with one model, or **Compare** two on the same message (blind, if you like) and vote; the "
+    "**Leaderboard** rates the models from the votes."
+)
+ARENA = (
+    "Ratings from the blind votes of the Compare tab, fitted as Chatbot Arena fits them (a Bradley–Terry model on "
+    "Elo's scale, around 1000): 100 points apart means the better-rated model wins 64% of the votes. The 95% "
+    "interval comes from 1000 refits on the votes resampled: it is wide while the votes are few."
 )
 
 
@@ -51,11 +62,15 @@ def _sampling(temperature, top_p, max_new_tokens) -> Sampling:
 
 
 def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
-              stream_interval: float = STREAM_INTERVAL, examples: list[str] | None = None) -> gr.Blocks:
-    """`examples`: the chat's clickable examples, shown before the built-in EXAMPLES (none repeated)."""
+              stream_interval: float = STREAM_INTERVAL, examples: list[str] | None = None, report: dict | None = None,
+              sources: VoteSources | None = None) -> gr.Blocks:
+    """`examples`: the chat's clickable examples, shown before the built-in EXAMPLES (none repeated); `report`:
+    compare's report (space.leaderboard.load_report), whose headline figures the Leaderboard shows; `sources`: the
+    votes it rates (default: the vote log's file, and its Hub dataset if it has one)."""
     examples = list(dict.fromkeys([*(examples or []), *EXAMPLES]))
     labels = engine.labels
     second = labels[1] if len(labels) > 1 else labels[0]
+    sources = sources or VoteSources(votes.path, votes.hub_repo_id)
 
     def sampling_controls():
         return (
@@ -71,10 +86,13 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                                                   _sampling(temperature, top_p, max_new_tokens)), stream_interval):
             yield (reply.error or reply.text), reply.stats()
 
-    def compare(message, model_a, model_b, system_prompt, temperature, top_p, max_new_tokens, blind):
-        """Both answers streamed; in blind mode the sides are shuffled and the names hidden until the vote."""
+    def compare(message, model_a, model_b, system_prompt, temperature, top_p, max_new_tokens, blind, random_pair):
+        """Both answers streamed; in blind mode the sides are shuffled and the names hidden until the vote, and with
+        `random_pair` (more than two models) the pair is drawn fairly instead of taken from the dropdowns."""
         sides = [model_a, model_b]
-        if blind:
+        if blind and random_pair and len(labels) > 2:
+            sides = fair_pair(labels)
+        elif blind:
             random.shuffle(sides)
         shown = ("Model A", "Model B") if blind else tuple(sides)
         # finished: set only once both answers have ended, so a vote sent mid-stream (or after Stop) is refused.
@@ -112,6 +130,16 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
         state["voted"] = True
         return f"Thanks! You voted **{choice}**. A = **{state['models'][0]}**, B = **{state['models'][1]}**."
 
+    def show_leaderboard():
+        """The summary, the ratings and pairs tables, and the chart (points above or below 1000 per rated model)."""
+        board, note = sources.leaderboard()
+        text = (summary(board) if board.ratings else "No votes yet: compare two models blind and vote.") + (
+            f"\n\n{note}" if note else "")
+        rated = [row for row in board.ratings if row.rating is not None]
+        chart = pd.DataFrame({"model": [row.model for row in rated], "points": [row.rating - 1000 for row in rated]})
+        return (text, pd.DataFrame(rating_rows(board), columns=RATING_HEADERS),
+                pd.DataFrame(pair_rows(board), columns=PAIR_HEADERS), chart)
+
     with gr.Blocks(title="Llama-3.2 FineTome chat") as app:
         gr.Markdown(f"# Llama-3.2 FineTome: 1B vs 3B on CPU\n{DESCRIPTION}")
         with gr.Tab("Chat"):
@@ -136,6 +164,9 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                 model_a = gr.Dropdown(labels, value=labels[0], label="Model A", elem_id="compare-a")
                 model_b = gr.Dropdown(labels, value=second, label="Model B", elem_id="compare-b")
                 blind = gr.Checkbox(True, label="Blind (hide names until you vote)", elem_id="compare-blind")
+                # As the Arena: blind pairs drawn so that each pair is voted on equally often; untick to choose.
+                random_pair = gr.Checkbox(len(labels) > 2, label="Random pair (blind mode; each pair equally often)",
+                                          visible=len(labels) > 2, elem_id="compare-random")
             with gr.Accordion("Settings (the same for both)", open=False):
                 c_system, c_temperature, c_top_p, c_max_new_tokens = sampling_controls()
             message = gr.Textbox(label="Message", placeholder="Ask both models the same thing",
@@ -154,7 +185,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                 vote_buttons = [gr.Button(f"{choice}" if choice in ("tie", "both bad") else f"{choice} is better",
                                           elem_id=f"vote-{choice.replace(' ', '-')}") for choice in VOTES]
             gr.Markdown(votes.notice(), elem_id="vote-notice")
-            inputs = [message, model_a, model_b, c_system, c_temperature, c_top_p, c_max_new_tokens, blind]
+            inputs = [message, model_a, model_b, c_system, c_temperature, c_top_p, c_max_new_tokens, blind, random_pair]
             outputs = [chat_a, chat_b, stats_a, stats_b, reveal, state]
             send.click(compare, inputs, outputs, api_name="compare")
             message.submit(compare, inputs, outputs, api_name=False)
@@ -164,6 +195,25 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             api_choice = gr.Textbox(visible=False)
             api_vote = gr.Button(visible=False)
             api_vote.click(vote, [api_choice, state], [reveal], api_name="vote")
+        with gr.Tab("Leaderboard", elem_id="leaderboard-tab") as leaderboard_tab:
+            gr.Markdown(ARENA)
+            board_summary = gr.Markdown("", elem_id="leaderboard-summary")
+            board_table = gr.Dataframe(headers=RATING_HEADERS, interactive=False, elem_id="leaderboard-table")
+            board_chart = gr.BarPlot(x="model", y="points", y_title="Rating - 1000", height=240, sort="-y",
+                                     label="Rating above or below 1000 (intervals in the table)",
+                                     elem_id="leaderboard-chart")
+            pair_table = gr.Dataframe(headers=PAIR_HEADERS, interactive=False, label="Pairs",
+                                      elem_id="leaderboard-pairs")
+            refresh = gr.Button("Refresh", elem_id="leaderboard-refresh")
+            if report:
+                headers, rows = report_headlines(report)
+                gr.Markdown(f"### Measured, beside the votes\n{report_caption(report)}")
+                gr.Dataframe(pd.DataFrame(rows, columns=headers), interactive=False, elem_id="report-table")
+            board = [board_summary, board_table, pair_table, board_chart]
+            refresh.click(show_leaderboard, None, board, api_name="leaderboard")
+            for event in (leaderboard_tab.select, gr.Timer(LEADERBOARD_EVERY_S).tick):
+                event(show_leaderboard, None, board, api_name=False, show_progress="hidden")
+        app.load(show_leaderboard, None, board, api_name=False, show_progress="hidden")
     return app
 
 
@@ -180,7 +230,11 @@ def parse_args(argv=None):
     parser.add_argument("--votes", default=os.environ.get("SPACE_VOTES_PATH", "votes/votes.jsonl"),
                         help="where blind votes are appended (JSON lines)")
     parser.add_argument("--votes-repo", default=os.environ.get("SPACE_VOTES_REPO"),
-                        help="a Hub dataset the vote log is pushed to every 10 minutes (optional)")
+                        help="a Hub dataset the vote log is pushed to every 10 minutes, and whose votes the "
+                             "Leaderboard also rates (optional)")
+    parser.add_argument("--report", default=os.environ.get("SPACE_REPORT") or None, metavar="PATH",
+                        help="compare's report (compare.json, or the folder scripts/compare.py --out wrote) whose "
+                             "headline figures the Leaderboard shows beside the votes (optional; SPACE_REPORT)")
     parser.add_argument("--cache-mb", type=int, default=int(os.environ.get("SPACE_CACHE_MB", 512)),
                         help="RAM per model for saved conversation states (least recently used evicted first; 0 "
                              "turns it off): 2 models x 512 MiB fit a free 16 GB Space beside a 1B and a 3B")
@@ -206,6 +260,7 @@ def main(argv=None) -> None:
         catalog = (catalog_from_paths(args.model) if args.model else []) + catalog_from_servers(args.server)
         catalog = catalog or load_catalog()
         print(extra_buffers().describe(), flush=True)  # which llama.cpp path every model here takes, and why
+        report = load_report(args.report) if args.report else None
         engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=max(0, args.cache_mb) * 2**20)
     except (UserError, LlamaSetupError) as e:
         sys.exit(f"error: {e}")
@@ -214,7 +269,7 @@ def main(argv=None) -> None:
         votes_path = unique_vote_file(votes_path.parent)
     votes = VoteLog(votes_path, hub_repo_id=args.votes_repo)
     app = build_app(engine, votes, compare_mode=args.compare_mode, stream_interval=args.stream_interval,
-                    examples=args.example)
+                    examples=args.example, report=report)
     # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
     app.queue(default_concurrency_limit=4)
     if args.memory_log_interval > 0:

@@ -6,10 +6,12 @@ The logic of scripts/deploy_space.py, its entry point (more commands in its docs
 The Space's tree mirrors the repo's: the package space/ (its app.py is the Space's app_file, space/app.py; this
 file and the card template stay behind), the base package common/ beside it, requirements-space.txt as
 requirements.txt (it asks for a portable llama.cpp build), and README.md, the Space card: YAML front matter from
-this module and the body from space/README_space.md. They go up in one commit. The model catalog reaches the app as
-the Space variable SPACE_MODELS; --votes-repo also sets SPACE_VOTES_REPO, and --variable KEY=VALUE any other
-variable the app reads (SPACE_VOTES_PATH, SPACE_N_CTX, SPACE_COMPARE_MODE). Variables persist on the Space: one a
-previous deploy set and this one does not mention is left as it is.
+this module and the body from space/README_space.md, and the modules of compare/ the Leaderboard imports. They go
+up in one commit. The model catalog reaches the app as the Space variable SPACE_MODELS (--base-models adds the
+untuned Llama-3.2 1B and 3B Instruct GGUFs); --votes-repo also sets SPACE_VOTES_REPO, --report ships compare's report
+and sets SPACE_REPORT, and --variable KEY=VALUE any other variable the app reads (SPACE_VOTES_PATH, SPACE_N_CTX,
+SPACE_COMPARE_MODE). Variables persist on the Space: one a previous deploy set and this one does not mention is left
+as it is.
 
 The token comes from HF_TOKEN or the saved login (`hf auth login`), is checked before any work, and only ever goes
 to HfApi(token=...). --dry-run DIR needs neither a token nor the network: it writes the exact tree that would be
@@ -35,22 +37,37 @@ from export.errors import ExportError
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id
 from space.catalog import catalog_from_servers
 from space.deploy_card import APP_NAME, GGUF_PATTERN, PACKAGE, TEMPLATE, render_card
+from space.leaderboard import load_report, report_file
 from space.replies import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # Read at call time, so tests can point them at a folder of their own.
 SPACE_DIR = REPO / "space"
 BASE_DIR = REPO / "common"  # the base package the app imports; the Space gets it beside space/
+COMPARE_DIR = REPO / "compare"
+COMPARE_MODULES = ("__init__.py", "ratings.py", "report.py")  # what the app imports of compare/ (the Leaderboard)
 REQUIREMENTS = REPO / "requirements-space.txt"
 
 HARDWARE = "cpu-basic"  # the free CPU tier: 2 vCPUs, 16 GB RAM
 LABELS = {"1b": "Llama-3.2-1B FineTome (q4_k_m)", "3b": "Llama-3.2-3B FineTome (q4_k_m)"}
+# The untuned models the fine-tunes start from (train/config.py's bases, unsloth/Llama-3.2-{1B,3B}-Instruct) as public
+# q4_k_m GGUFs, named exactly: --base-models puts them in the arena beside the fine-tunes.
+BASE_MODELS = (
+    {"label": "Llama-3.2-1B Instruct base (q4_k_m)", "repo_id": "unsloth/Llama-3.2-1B-Instruct-GGUF",
+     "filename": "Llama-3.2-1B-Instruct-Q4_K_M.gguf"},
+    {"label": "Llama-3.2-3B Instruct base (q4_k_m)", "repo_id": "unsloth/Llama-3.2-3B-Instruct-GGUF",
+     "filename": "Llama-3.2-3B-Instruct-Q4_K_M.gguf"},
+)
 MODELS_VARIABLE = "SPACE_MODELS"
 VOTES_REPO_VARIABLE = "SPACE_VOTES_REPO"
+REPORT_VARIABLE = "SPACE_REPORT"
+REPORT_IN_SPACE = "reports/compare.json"  # where --report's file goes in the Space (the app runs from its root)
 VARIABLE_DESCRIPTIONS = {
     MODELS_VARIABLE: "The models the app serves: JSON list of {label, repo_id, filename} (set by deploy_space.py)",
     VOTES_REPO_VARIABLE: "Hub dataset the blind-vote log is pushed to (set by deploy_space.py)",
+    REPORT_VARIABLE: "compare's report, whose figures the Leaderboard shows (set by deploy_space.py)",
 }
+SET_BY = {MODELS_VARIABLE: "--model-1b/--model-3b", VOTES_REPO_VARIABLE: "--votes-repo", REPORT_VARIABLE: "--report"}
 VARIABLES_FILE = ".space_variables.json"  # in a --dry-run folder only; also marks the folder as a dry run's
 WRITTEN_BY = "scripts/deploy_space.py --dry-run"
 NO_TOKEN = ("deploying needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login` "
@@ -77,6 +94,8 @@ class DeployConfig:
     report_url: str | None = None
     server: list[str] = field(default_factory=list)
     server_key_env: str | None = None
+    base_models: bool = False
+    report: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -93,7 +112,7 @@ class DeployConfig:
             problems.append(str(error))
         if self.server_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.server_key_env):
             problems.append(f"--server-key-env {self.server_key_env!r}: expected a secret's name like LLAMA_KEY")
-        if not self.model_1b and not self.model_3b and not self.server:
+        if not self.model_1b and not self.model_3b and not self.server and not self.base_models:
             problems.append("no model to serve: give --model-1b USER/NAME-GGUF and/or --model-3b USER/NAME-GGUF "
                             "(the Hub repos export/to_gguf.py --push wrote), or --server LABEL=URL#MODEL")
         elif self.model_1b and self.model_1b == self.model_3b:
@@ -102,11 +121,15 @@ class DeployConfig:
             key, equals, _ = item.partition("=")
             if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 problems.append(f"--variable {item!r}: expected KEY=VALUE with KEY a name like SPACE_VOTES_PATH")
-            elif key in (MODELS_VARIABLE, VOTES_REPO_VARIABLE):
-                flags = "--model-1b/--model-3b" if key == MODELS_VARIABLE else "--votes-repo"
-                problems.append(f"--variable {key}: set by {flags}; leave it out of --variable")
+            elif key in SET_BY:
+                problems.append(f"--variable {key}: set by {SET_BY[key]}; leave it out of --variable")
         if self.report_url is not None and not re.match(r"https?://\S+$", self.report_url):
             problems.append(f"--report-url {self.report_url!r}: expected an http(s):// address")
+        if self.report is not None:
+            try:
+                load_report(self.report)
+            except UserError as error:
+                problems.append(str(error))
         if problems:
             raise UsageError(problems)
 
@@ -122,19 +145,21 @@ class DeployConfig:
         variables = {MODELS_VARIABLE: json.dumps(self.catalog())}
         if self.votes_repo:
             variables[VOTES_REPO_VARIABLE] = self.votes_repo
+        if self.report:
+            variables[REPORT_VARIABLE] = REPORT_IN_SPACE
         for item in self.variable:
             key, _, value = item.partition("=")
             variables[key] = value
         return variables
 
     def catalog(self) -> list[dict]:
-        """What SPACE_MODELS holds: the 1B model, then the 3B, whichever were given, then the --server entries."""
+        """What SPACE_MODELS holds: the 1B model, then the 3B, whichever were given, the bases, the servers."""
         repos = (("1b", self.model_1b), ("3b", self.model_3b))
         servers = [{"label": spec.label, "base_url": spec.base_url, "model": spec.model,
                     **({"api_key_env": self.server_key_env} if self.server_key_env else {})}
                    for spec in catalog_from_servers(self.server)]
         return [{"label": LABELS[size], "repo_id": repo, "filename": GGUF_PATTERN} for size, repo in repos if repo] \
-            + servers
+            + [dict(model) for model in BASE_MODELS if self.base_models] + servers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variable", action="append", default=[], metavar="KEY=VALUE",
                         help="another Space variable for the app, e.g. SPACE_VOTES_PATH=/data/votes.jsonl (repeatable)")
     parser.add_argument("--report-url", help="link to the comparison report scripts/compare.py wrote, for the card")
+    parser.add_argument("--report", metavar="PATH",
+                        help=f"compare's report (compare.json, or the folder scripts/compare.py --out wrote), shown "
+                             f"on the Leaderboard: shipped as {REPORT_IN_SPACE}, sets {REPORT_VARIABLE}")
+    parser.add_argument("--base-models", action="store_true", help="also serve the untuned Llama-3.2 1B and 3B "
+                        "Instruct q4_k_m GGUFs (unsloth's), so the arena also tells whether fine-tuning helped")
     parser.add_argument("--server", action="append", default=[], metavar="LABEL=URL#MODEL",
                         help="an OpenAI-compatible server the Space also offers (repeatable), e.g. "
                              "'1B (llama-server)=http://10.0.0.5:8080/v1#llama-1b' (scripts/serve_openai.py)")
@@ -267,8 +297,9 @@ class SpaceTree:
 
 
 def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree:
-    """Everything the Space gets, from space/, common/, requirements-space.txt and the card template, at the paths
-    the repo has them (requirements.txt and README.md generated at the root). Local files only."""
+    """Everything the Space gets, from space/, common/, compare/'s COMPARE_MODULES, requirements-space.txt, the card
+    template and --report's file, at the paths the repo has them (requirements.txt and README.md generated at the root,
+    the report at REPORT_IN_SPACE). Local files only."""
     space_dir = SPACE_DIR if space_dir is None else space_dir
     problems = []
     if not (space_dir / APP_NAME).is_file():
@@ -289,6 +320,10 @@ def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree
     for path in sorted(BASE_DIR.rglob("*.py")):
         if "__pycache__" not in path.parts:
             files[f"{BASE_DIR.name}/{path.relative_to(BASE_DIR).as_posix()}"] = path.read_bytes()
+    for name in COMPARE_MODULES:
+        files[f"{COMPARE_DIR.name}/{name}"] = (COMPARE_DIR / name).read_bytes()
+    if config.report:
+        files[REPORT_IN_SPACE] = report_file(config.report).read_bytes()
     files["README.md"] = card.encode("utf-8")
     files["requirements.txt"] = requirements
     return SpaceTree(files=dict(sorted(files.items())), variables=config.variables(), left_out=left_out)

@@ -9,37 +9,58 @@ generation per model at a time. Pure Python with no Gradio import, so tests (and
 
 A `llama_cpp.Llama` holds one context (one KV cache) and is not safe for concurrent use, so every model has
 one lock and at most one generation at a time; the Space runs on 2 vCPUs, where two generations at once
-would only split the same cores anyway. The rest of the Space's logic lives beside it: the catalog
-(space/catalog.py), sampling and replies (space/replies.py), history → messages (space/history.py), votes
+would only split the same cores anyway. A request waiting for a busy model says so (Reply.status). The rest of
+the Space's logic lives beside it: the catalog (space/catalog.py), sampling and replies (space/replies.py),
+history → messages (space/history.py), the prompt's tokens and the saved prompt states (space/prompt.py), votes
 (space/votes.py).
+
+Memory: the models, their contexts, and per model at most `cache_bytes` of saved prompt states ($SPACE_CACHE_MB
+MiB, default 512). With a 1B and a 3B model that is the GGUFs (about 0.8 and 2.0 GB), their 4,096-token KV caches
+(128 and 448 MiB) and at most 2 × 512 MiB of states: a fraction of a free Space's 16 GB. memory_line() reports
+it for the Space's log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from llama_cpp import Llama, LlamaRAMCache
+from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from common.llama import gguf_chat_formatter, open_gguf, open_gguf_from_hub
 from common.machine import rss_bytes, usable_cpus
 from space.catalog import ModelSpec
-from space.history import flatten_content, history_to_messages, reusable_prefix, trim_history
+from space.history import history_to_messages, prompt_text, trim_history
+from space.prompt import ChatModel, StateCache
 from space.remote import RemoteModel
 from space.replies import Reply, Sampling, UserError, _one_line
 
-__all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS"]
+__all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS", "CACHE_MB_ENV", "DEFAULT_CACHE_MB",
+           "cache_bytes_from_env"]
 
 log = logging.getLogger(__name__)
 
 COMPARE_MODES = ("sequential", "interleaved")
 DEFAULT_N_CTX = 4096  # tokens of context per model (space/app.py --n-ctx)
 MAX_MESSAGE_CHARS = 8000  # the longest message a user may send
+CACHE_MB_ENV = "SPACE_CACHE_MB"  # the owner's bound on saved prompt states, MiB per model
+DEFAULT_CACHE_MB = 512
+_WAIT_POLL_S = 0.1  # how often a request waiting for a busy model checks its cancel event
+
+
+def cache_bytes_from_env() -> int:
+    """The prompt-state cache bound per model, in bytes, from $SPACE_CACHE_MB (MiB; 0 turns the cache off)."""
+    setting = os.environ.get(CACHE_MB_ENV, "").strip() or str(DEFAULT_CACHE_MB)
+    if not setting.isdigit():
+        raise UserError(f"{CACHE_MB_ENV}={setting!r}: expected a whole number of MiB, e.g. {DEFAULT_CACHE_MB} "
+                        "(0 turns the prompt-state cache off)")
+    return int(setting) * 2**20
 
 
 def _error_reply(message: str) -> Reply:
@@ -58,104 +79,6 @@ def _reported(what: str):
         raise UserError(f"{what}: {_one_line(error)}") from error
 
 
-class _StateCache(LlamaRAMCache):
-    """llama-cpp-python's RAM cache of prompt states, without a logits copy nobody reads, and without
-    states that a newer one extends.
-
-    Llama.save_state copies `scores`: up to n_batch × n_vocab float32, 250 MiB for Llama 3's vocabulary,
-    that LlamaRAMCache leaves out of its capacity and Llama.load_state copies back, which makes every cache hit
-    slow. With logits_all=False (our case) sampling reads llama.cpp's own logits, never these: one row
-    is kept, which load_state broadcasts back, and a hit costs a small fraction of what it did (the figures:
-    README.md's serve section). Each answer saves its conversation's state, whose tokens extend that
-    conversation's previous one; the longer state serves any prompt at least as well, so the shorter is dropped
-    rather than left to fill the capacity (32 KiB per token for 1B, 112 KiB for 3B).
-    """
-
-    def __setitem__(self, key, value):
-        key = tuple(key)
-        for older in [k for k in self.cache_state if len(k) <= len(key) and key[: len(k)] == k]:
-            del self.cache_state[older]
-        value.scores = value.scores[-1:].copy()
-        super().__setitem__(key, value)
-
-
-_CONTROL = b"\xff"  # before a control token's bytes where prompts are matched with the context (never in UTF-8)
-_MARK = " \ue000{}\ue001 "  # stands for message i's content while the template renders; spaces show whether it trims
-
-
-@dataclass
-class _Model:
-    """A loaded model and the chat formatter its GGUF's template makes."""
-
-    llm: Llama
-    formatter: Jinja2ChatFormatter
-
-    def segments(self, messages: list[dict]) -> tuple[list[tuple[bytes, bool]], object]:
-        """The prompt as (bytes, special) parts, and the formatter's response (stop strings and tokens).
-
-        The template's own text is tokenized with its markers as special tokens (<|start_header_id|>, <|eot_id|>);
-        what users and the system prompt wrote is tokenized as text, so `<|eot_id|>` typed in a message is ten
-        characters, not the end of a turn, and nobody can forge a turn of the conversation. The template renders
-        a mark in place of each content, and the content goes where its mark landed, trimmed when the template
-        trims (Llama 3's does).
-        """
-        marked = [{**message, "content": _MARK.format(i)} for i, message in enumerate(messages)]
-        rendered = self.formatter(messages=marked)
-        text, parts, position = rendered.prompt, [], 0
-        for i, message in enumerate(messages):
-            mark, content = _MARK.format(i), str(message["content"])
-            at = text.find(mark, position)
-            if at < 0:  # the template trimmed the mark's spaces: it trims contents
-                mark, content = mark.strip(), content.strip()
-                at = text.find(mark, position)
-            if at < 0:
-                raise UserError(f"The model's chat template does not show message {i + 1} as written; this Space "
-                                "cannot serve it safely (re-export it with export/to_gguf.py)")
-            parts += [(text[position:at], True), (content, False)]
-            position = at + len(mark)
-        parts.append((text[position:], True))
-        return [(part.encode("utf-8"), special) for part, special in parts if part], rendered
-
-    def _tokenize(self, parts: list[tuple[bytes, bool]], skip: int = 0) -> list[int]:
-        """The parts' tokens, from byte `skip` of their marked form on (see _marked; the template writes
-        <|begin_of_text|> itself: no BOS added)."""
-        tokens, start = [], 0
-        for data, special in parts:
-            if start + len(data) > skip:
-                rest = data[max(0, skip - start):].replace(_CONTROL, b"")
-                tokens += self.llm.tokenize(rest, add_bos=False, special=special)
-            start += len(data)
-        return tokens
-
-    def _marked(self, parts: list[tuple[bytes, bool]]) -> list[tuple[bytes, bool]]:
-        """The parts with _CONTROL before each control token the template's own text holds, as _piece spells them,
-        so that prefix reuse matches a control token only with a control token, never with the same characters
-        typed by a user (no UTF-8 text holds the byte 0xFF)."""
-        return [(b"".join(self._piece(token) for token in self.llm.tokenize(data, add_bos=False, special=True))
-                 if special else data, special) for data, special in parts]
-
-    def prompt_tokens(self, messages: list[dict]) -> tuple[list[int], object]:
-        """The prompt's tokens, and the formatter's response (stop strings and tokens), continuing from the tokens
-        already in the model's context wherever they spell the same text, control tokens as control tokens (see
-        reusable_prefix)."""
-        parts, rendered = self.segments(messages)
-        marked = self._marked(parts)
-        context = [int(token) for token in self.llm.input_ids[: self.llm.n_tokens]]  # the tokens in the context
-        kept, offset = reusable_prefix(context, self._piece, b"".join(data for data, _ in marked))
-        return context[:kept] + self._tokenize(marked, offset), rendered
-
-    def _piece(self, token: int) -> bytes:
-        """The token's bytes; a control token's (<|eot_id|>, ...) after _CONTROL."""
-        text = self.llm.detokenize([token], special=True)
-        if text and not self.llm.detokenize([token], special=False):
-            return _CONTROL + text
-        return text
-
-    def count_tokens(self, messages: list[dict]) -> int:
-        """Tokens of the prompt exactly as it is generated from (see segments)."""
-        return len(self._tokenize(self.segments(messages)[0]))
-
-
 def _chat_formatter(llm: Llama, label: str) -> Jinja2ChatFormatter:
     """The GGUF's own chat template as a formatter (common.llama.gguf_chat_formatter); UserError without one."""
     formatter = gguf_chat_formatter(llm)
@@ -169,14 +92,15 @@ class Engine:
     """Loads catalog models on first use, keeps them loaded, and streams chats and comparisons."""
 
     def __init__(self, catalog: list[ModelSpec], n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
-                 max_message_chars: int = MAX_MESSAGE_CHARS, cache_bytes: int = 512 * 2**20,
+                 max_message_chars: int = MAX_MESSAGE_CHARS, cache_bytes: int | None = None,
                  loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4, seed: int | None = None):
         """
         n_threads: llama.cpp threads for generation and prompt processing; default: the CPUs this process may
             use (its affinity: a Space container sees the host's cores in os.cpu_count(), and more threads
             than usable cores make llama.cpp several times slower).
-        cache_bytes: per model, RAM for saved prompt states (0 disables it) so that users taking turns on
-            one model each resume their conversation instead of re-reading it (see stream_chat).
+        cache_bytes: per model, the most RAM its saved prompt states may hold, least recently used evicted first
+            (0 disables them; default: cache_bytes_from_env()), so that users taking turns on one model each resume
+            their conversation instead of re-reading it (see stream_chat).
         loader: builds a Llama from a ModelSpec (tests); default: from_pretrained or model_path.
         drop_step: a conversation too long for the context loses its oldest exchanges this many at a time
             (see trim_history), so that only one turn in `drop_step` re-reads the whole prompt.
@@ -192,11 +116,11 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_threads = n_threads or usable_cpus()
         self.max_message_chars = max_message_chars
-        self.cache_bytes = cache_bytes
+        self.cache_bytes = cache_bytes_from_env() if cache_bytes is None else max(0, cache_bytes)
         self.drop_step = max(1, drop_step)
         self.seed = seed
         self._loader = loader or self._load_llama
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ChatModel] = {}
         # Models behind an OpenAI-compatible server (space/remote.py): no lock here, the server queues or batches.
         self._remote = {spec.label: RemoteModel(spec) for spec in catalog if spec.is_remote}
         # threading.Lock, not RLock: Gradio may resume a generator on another worker thread than the one that
@@ -220,18 +144,20 @@ class Engine:
         return label
 
     def memory_line(self) -> str:
-        """This process's RSS and each loaded model's prompt-state cache against its bound, for the Space's log."""
-        caches = ", ".join(f"{label} {model.llm.cache.cache_size / 2**20:.0f} MiB" for label, model in
-                           list(self._models.items()) if model.llm.cache is not None) or "none loaded"
+        """This process's RSS and each loaded model's saved prompt states against the bound, for the Space's log:
+        'memory: RSS 3,120 MiB; saved prompt states (at most 512 MiB per model): 1B 96 MiB in 3, 3B 0 MiB in 0'."""
+        caches = ", ".join(f"{label} {cache.cache_size / 2**20:,.0f} MiB in {len(cache.cache_state)}"
+                           for label, cache in [(label, model.llm.cache) for label, model in list(self._models.items())]
+                           if cache is not None)
         rss = rss_bytes()
-        return (f"memory: RSS {'unknown' if rss is None else f'{rss / 2**20:,.0f}'} MiB; prompt-state caches "
-                f"(bound {self.cache_bytes / 2**20:.0f} MiB each): {caches}")
+        return (f"memory: RSS {'unknown' if rss is None else f'{rss / 2**20:,.0f}'} MiB; saved prompt states "
+                f"(at most {self.cache_bytes / 2**20:,.0f} MiB per model): {caches or 'none'}")
 
     def is_remote(self, label: str) -> bool:
         """Whether this catalog model is served elsewhere, over the OpenAI API (no GGUF loaded here)."""
         return label in self._remote
 
-    def _model(self, label) -> _Model:
+    def _model(self, label) -> ChatModel:
         label = self._check_label(label)
         if label in self._remote:
             raise UserError(f"Model '{label}' is served by {self._remote[label].spec.base_url}; it has no GGUF here")
@@ -241,12 +167,12 @@ class Engine:
                 model = self._models.get(label)
                 if model is None:
                     llm = self._loader(self.catalog[label])
-                    model = _Model(llm, _chat_formatter(llm, label))
+                    model = ChatModel(llm, _chat_formatter(llm, label))
                     # Render with this same formatter whatever chat_format Llama guessed from the template,
                     # so count_tokens measures exactly the prompt that is generated from.
                     llm.chat_handler = model.formatter.to_chat_handler()
                     if self.cache_bytes > 0:
-                        llm.set_cache(_StateCache(self.cache_bytes))
+                        llm.set_cache(StateCache(self.cache_bytes, llm))
                     self._models[label] = model
         return model
 
@@ -262,43 +188,43 @@ class Engine:
         """Whether a generation holds this model now (others wait for it); a server's model never does."""
         return label not in self._remote and self._locks[self._check_label(label)].locked()
 
-    @contextmanager
-    def _holding(self, labels: list[str], cancel: threading.Event | None):
-        """Hold the models' locks (yields True), or give up when `cancel` is set while waiting (yields False).
+    def _wait(self, label: str, name: str, cancel: threading.Event | None, held: list[str]) -> Iterator[str]:
+        """Take the model's lock and add its label to `held` (the caller releases it: _release); while another
+        request holds the model, yield why this one waits, at once and then every second. Gives up, holding
+        nothing, once `cancel` is set. A server's model has no lock: it is held at once."""
+        lock = None if label in self._remote else self._locks[label]
+        started, shown = time.perf_counter(), -1
+        while not (cancel is not None and cancel.is_set()):
+            if lock is None or lock.acquire(timeout=0 if shown < 0 else _WAIT_POLL_S):
+                held.append(label)
+                return
+            if (waited := int(time.perf_counter() - started)) > shown:
+                shown = waited
+                yield f"{name[:1].upper()}{name[1:]} is answering another request; waiting for it ({waited} s)."
 
-        Several locks are taken in catalog order, so two comparisons of the same pair in opposite order
-        cannot each hold one model and wait forever for the other.
-        """
-        locks = [self._locks[label] for label in sorted(set(labels) - set(self._remote), key=self.labels.index)]
-        held = []
-        try:
-            for lock in locks:
-                while not lock.acquire(timeout=-1 if cancel is None else 0.1):
-                    if cancel.is_set():
-                        yield False
-                        return
-                held.append(lock)
-            yield True
-        finally:
-            for lock in reversed(held):
-                lock.release()
+    def _release(self, held: list[str], label: str | None = None) -> None:
+        """Release `label`'s lock (default: every lock in `held`, newest first) and drop it from `held`."""
+        for held_label in [label] if label else held[::-1]:
+            held.remove(held_label)
+            if held_label not in self._remote:
+                self._locks[held_label].release()
 
     # -------------------------------------------------------------- one answer
-    def _prepare(self, label, message, history, system_prompt: str,
-                 sampling: Sampling) -> tuple[_Model | RemoteModel, list[dict], Sampling]:
+    def _prepare(self, label, message, history, system_prompt,
+                 sampling: Sampling | None) -> tuple[ChatModel | RemoteModel, list[dict], Sampling]:
         """Validate a request and build its trimmed messages; UserError for anything the user can fix."""
-        text = message if isinstance(message, str) else flatten_content(message)
-        if not text.strip():
+        text = prompt_text(message, "message")
+        if not text:
             raise UserError("Your message is empty; type something to send.")
         if len(text) > self.max_message_chars:
             raise UserError(f"Your message is {len(text):,} characters, over the limit of "
                             f"{self.max_message_chars:,}; shorten it.")
-        sampling = sampling.clamped() if isinstance(sampling, Sampling) else Sampling()
+        system = prompt_text(system_prompt, "system prompt")
+        sampling = (sampling if isinstance(sampling, Sampling) else Sampling()).clamped()
         # At most half the context for the answer, so a long answer never pushes out the whole conversation.
         sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.n_ctx // 2))
-        system = system_prompt.strip() if isinstance(system_prompt, str) else ""
         messages = ([{"role": "system", "content": system}] if system else []) + history_to_messages(history)
-        messages.append({"role": "user", "content": text.strip()})
+        messages.append({"role": "user", "content": text})
         if self._check_label(label) in self._remote:  # the server applies its template and its context limit
             return self._remote[label], messages, sampling
         with _reported(f"Could not load model '{label}'"):  # a download or load failure
@@ -308,7 +234,7 @@ class Engine:
                                     self.drop_step)
         return model, messages, sampling
 
-    def _generate(self, label: str, model: _Model | RemoteModel, messages: list[dict], sampling: Sampling,
+    def _generate(self, label: str, model: ChatModel | RemoteModel, messages: list[dict], sampling: Sampling,
                   cancel: threading.Event | None, started: float) -> Iterator[Reply]:
         """Stream one answer, ending with a done Reply (an error one if llama.cpp or the server fails).
 
@@ -355,23 +281,33 @@ class Engine:
         reply.done = True
         yield reply
 
-    def _locked_answer(self, label: str, model: _Model, messages: list[dict], sampling: Sampling,
-                       cancel: threading.Event | None, started: float) -> Iterator[Reply]:
-        """One answer under its model's lock (taken here, when iteration starts, not when this is called)."""
-        with self._holding([label], cancel) as held:
+    def _locked_answer(self, label: str, model: ChatModel | RemoteModel, messages: list[dict], sampling: Sampling,
+                       cancel: threading.Event | None, started: float, name: str) -> Iterator[Reply]:
+        """One answer under its model's lock (taken here, when iteration starts, not when this is called), with
+        a status Reply while another request holds the model."""
+        held, waited = [], False
+        try:
+            for status in self._wait(label, name, cancel, held):
+                waited = True
+                yield Reply(text="", status=status)
             if held:
+                if waited:
+                    yield Reply(text="")  # the wait is over: no status while the prompt is read
                 yield from self._generate(label, model, messages, sampling, cancel, started)
             else:
                 yield Reply(text="", done=True, finish_reason="cancelled")
+        finally:
+            self._release(held)
 
     def stream_chat(self, label: str, message: str, history: list | None = None, system_prompt: str = "",
                     sampling: Sampling = Sampling(), cancel: threading.Event | None = None) -> Iterator[Reply]:
         """Stream the model's answer to `message` after `history` (Gradio 6 messages) as growing Replies.
 
-        Mistakes (empty or too long message, unknown model, ...) come back as one final Reply with `error`,
-        never as exceptions. The model's lock is taken when iteration starts and released as soon as the
-        answer ends, `cancel` is set, or the generator is closed or garbage-collected (Stop button, client
-        gone); `cancel` also ends the wait for a busy model.
+        Mistakes (empty, too long or invalid message, bad sampling numbers, unknown model, ...) come back as one
+        final Reply with a one-line `error`, never as exceptions. While another request holds the model, Replies
+        with a `status` ("Model 3B is answering another request; waiting for it (3 s).") come first. The model's lock is
+        taken when iteration starts and released as soon as the answer ends, `cancel` is set, or the generator is
+        closed or garbage-collected (Stop button, client gone); `cancel` also ends the wait for a busy model.
 
         Time to first token over a conversation: the Llama keeps the KV cache of its previous prompt and
         answer, so a turn reads only what changed since: the new message, and the previous answer only from
@@ -389,7 +325,7 @@ class Engine:
         except UserError as error:
             yield _error_reply(str(error))
             return
-        yield from self._locked_answer(label, model, messages, sampling, cancel, started)
+        yield from self._locked_answer(label, model, messages, sampling, cancel, started, f"model {label}")
 
     # -------------------------------------------------------------- two answers
     def stream_compare(self, label_a: str, label_b: str, message: str, system_prompt: str = "",
@@ -399,9 +335,12 @@ class Engine:
 
         Both answers share the 2 vCPUs, so they never compute at the same time:
           "sequential"   A to the end, then B (B's reply stays empty meanwhile);
-          "interleaved"  one token of A, one of B, advanced in turn in this thread, both models' locks held.
+          "interleaved"  one token of A, one of B, advanced in turn in this thread, each model's lock held until
+                         its own answer ends.
         The same label twice is always sequential: one Llama has one KV cache, and its lock is not reentrant.
-        Each Reply's ttft_s counts from this call, so B's includes the wait for A in sequential mode.
+        Each Reply's ttft_s counts from this call, so B's includes the wait for A in sequential mode. A side
+        waiting for a model another request holds says so in its status, naming the side ("model A"), never the
+        model (blind votes). `cancel` (the Stop button) ends both answers, and frees both models, at once.
 
         Both modes finish together within measurement noise, so interleaved is the better experience: both
         answers start at once at above reading speed, and in a blind vote neither panel's timing gives its
@@ -424,27 +363,35 @@ class Engine:
 
         if mode == "sequential" or label_a == label_b or len(requests) < 2:
             for side, request in requests.items():
-                for reply in self._locked_answer(*request, cancel, started):
+                for reply in self._locked_answer(*request, cancel, started, f"model {'AB'[side]}"):
                     replies[side] = reply
                     yield tuple(replies)
             return
 
-        with self._holding([label_a, label_b], cancel) as held:
-            if not held:
+        held, streams = [], {}
+        try:
+            for side in sorted(requests, key=lambda side: self.labels.index(requests[side][0])):  # catalog order:
+                # two comparisons of the same pair in opposite order never each hold one model and wait for the other
+                for status in self._wait(requests[side][0], f"model {'AB'[side]}", cancel, held):
+                    replies[side] = Reply(text="", status=status)
+                    yield tuple(replies)
+            if len(held) < 2:
                 yield tuple(Reply(text="", done=True, finish_reason="cancelled") for _ in replies)
                 return
+            if any(reply.status for reply in replies):
+                replies = [Reply(text=""), Reply(text="")]  # the wait is over: no status while the prompts are read
+                yield tuple(replies)
             streams = {side: self._generate(*request, cancel, started) for side, request in requests.items()}
-            try:
-                while streams:
-                    for side in list(streams):  # one token of each answer in turn
-                        reply = next(streams[side], None)
-                        if reply is None:
-                            del streams[side]
-                            continue
-                        replies[side] = reply
-                        yield tuple(replies)
-            finally:
-                for stream in streams.values():  # closed (stream by stream) before the locks are released
-                    stream.close()
-
-
+            while streams:
+                for side in list(streams):  # one token of each answer in turn
+                    reply = next(streams[side], None)
+                    if reply is None:
+                        del streams[side]
+                        self._release(held, requests[side][0])  # its answer is over: others may use the model
+                        continue
+                    replies[side] = reply
+                    yield tuple(replies)
+        finally:
+            for stream in streams.values():  # closed (stream by stream) before the locks are released
+                stream.close()
+            self._release(held)

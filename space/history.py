@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from space.replies import UserError
+from space.replies import UserError, valid_unicode
 
-__all__ = ["flatten_content", "history_to_messages", "trim_history", "reusable_prefix"]
+__all__ = ["flatten_content", "prompt_text", "history_to_messages", "trim_history", "reusable_prefix"]
 
 
 def _field(item, name: str):
@@ -46,11 +46,38 @@ def flatten_content(content) -> str:
     return ""
 
 
+def prompt_text(value, part: str) -> str:
+    """What the user wrote as `part` ("message", "system prompt"): a string or Gradio content, stripped; None is
+    empty. UserError, naming the part and the fix, for anything else and for text that is not valid Unicode.
+
+    >>> prompt_text([{"type": "text", "text": " Hi "}], "message")
+    'Hi'
+    >>> prompt_text(42, "message")
+    Traceback (most recent call last):
+    space.replies.UserError: Your message must be text, not int; send it as a string.
+    >>> prompt_text("ok " + chr(0xD800), "system prompt")
+    Traceback (most recent call last):
+    space.replies.UserError: Your system prompt holds U+D800 at character 4, half of a UTF-16 surrogate pair and \
+not valid Unicode; remove it and send again.
+    """
+    if value is not None and not isinstance(value, (str, list, tuple, Mapping)) and not hasattr(value, "text"):
+        raise UserError(f"Your {part} must be text, not {type(value).__name__}; send it as a string.")
+    text = flatten_content(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(f"Your {part} holds U+{ord(text[error.start]):04X} at character {error.start + 1:,}, half of "
+                        "a UTF-16 surrogate pair and not valid Unicode; remove it and send again.") from None
+    return text.strip()
+
+
 def history_to_messages(history) -> list[dict]:
     """Gradio 6 ChatInterface history → `[{"role", "content": str}]` for the chat template.
 
     Keeps user and assistant messages with text; drops empty ones, other roles, and Gradio "thought"
-    messages (a `metadata.title`: tool or status panels the app shows, not part of the answer).
+    messages (a `metadata.title`: tool or status panels the app shows, not part of the answer). Text that is not
+    valid Unicode (a lone surrogate) becomes U+FFFD: the history comes back every turn, so rejecting it would end
+    the conversation. UserError for a history that is not a list of messages.
 
     >>> history_to_messages([
     ...     {"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
@@ -61,12 +88,18 @@ def history_to_messages(history) -> list[dict]:
     ... ])
     [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello! How can I help?'}]
     """
+    if history is not None and not isinstance(history, (list, tuple)):
+        raise UserError(f"The conversation history must be a list of messages, not {type(history).__name__}; "
+                        "send [] to start a new one.")
     messages = []
-    for item in history if isinstance(history, (list, tuple)) else []:
+    for number, item in enumerate(history or [], start=1):
+        if not isinstance(item, Mapping) and not hasattr(item, "role"):
+            raise UserError(f"Message {number:,} of the conversation history is a {type(item).__name__}, not a "
+                            '{"role", "content"} message; send the history as Gradio gives it, or [].')
         role, metadata = _field(item, "role"), _field(item, "metadata")
         if role not in ("user", "assistant") or (metadata and _field(metadata, "title")):
             continue
-        text = flatten_content(_field(item, "content")).strip()
+        text = valid_unicode(flatten_content(_field(item, "content"))).strip()
         if text:
             messages.append({"role": role, "content": text})
     return messages
@@ -100,10 +133,7 @@ def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int]
     starts = [0] + [i for i, message in enumerate(history) if i > 0 and message["role"] == "user"] + [len(history)]
     needed = count_tokens(head + new)
     if needed > budget:
-        # The part to shorten: the system prompt when the message alone would fit, else the message.
-        part = "system prompt" if head and count_tokens(new) <= budget else "message"
-        raise UserError(f"Your {part} is too long for this model's context: the prompt would be {needed:,} tokens, "
-                        f"{needed - budget:,} over the limit of {budget:,}; shorten the {part} by at least that much.")
+        raise UserError(_too_long(head, new, count_tokens, needed, budget, max_new_tokens))
     # Fewer messages never need more tokens, so binary-search the first start that fits: a handful of
     # renders even for a long (or hostile) history.
     low, high = 0, len(starts) - 1
@@ -116,6 +146,27 @@ def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int]
     dropped = min(-(-low // drop_step) * drop_step, len(starts) - 1)  # low rounded up to a multiple of drop_step
     return head + history[starts[dropped]:] + new
 
+
+def _too_long(head: list[dict], new: list[dict], count_tokens: Callable[[list[dict]], int], needed: int,
+              budget: int, max_new_tokens: int) -> str:
+    """The message for a system prompt and message (the history is dropped first) that cannot fit: the part to
+    shorten (the one too long alone, else both) and by how much.
+
+    >>> count = lambda messages: sum(len(m["content"]) for m in messages)
+    >>> _too_long([{"content": "S" * 50}], [{"content": "Hi"}], count, 52, 30, 10)
+    "Your system prompt is too long for this model's context: the prompt comes to 52 tokens where 30 fit (10 more \
+are kept for the answer); shorten it by 22 tokens."
+    """
+    empty = [{**new[0], "content": ""}]
+    if not head or count_tokens(new) > budget:
+        part, shorten = "message is", "it"
+    elif count_tokens(head + empty) > budget:
+        part, shorten = "system prompt is", "it"
+    else:
+        part, shorten = "system prompt and message are", "them"
+    return (f"Your {part} too long for this model's context: the prompt comes to {needed:,} tokens where "
+            f"{budget:,} fit ({max_new_tokens:,} more are kept for the answer); shorten {shorten} by "
+            f"{needed - budget:,} tokens.")
 
 
 def reusable_prefix(context: Sequence[int], piece: Callable[[int], bytes], prompt: bytes) -> tuple[int, int]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 __all__ = [
-    "UserError", "Sampling", "Reply", "throttled",
+    "UserError", "Sampling", "Reply", "throttled", "valid_unicode",
     "TEMPERATURE_RANGE", "DEFAULT_TEMPERATURE", "TOP_P_RANGE", "DEFAULT_TOP_P",
     "MAX_NEW_TOKENS_RANGE", "DEFAULT_MAX_NEW_TOKENS",
 ]
@@ -28,6 +29,8 @@ TOP_P_RANGE = (0.05, 1.0)
 DEFAULT_TOP_P = 0.9
 MAX_NEW_TOKENS_RANGE = (16, 1024)
 DEFAULT_MAX_NEW_TOKENS = 256
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class UserError(ValueError):
@@ -41,20 +44,36 @@ def _one_line(text: str, limit: int = 300) -> str:
     'two lines'
     >>> _one_line("x" * 10, limit=5)
     'xxxx…'
+    >>> _one_line("half a pair: " + chr(0xD800))  # shown, and sent as JSON, as U+FFFD
+    'half a pair: �'
     """
-    text = " ".join(str(text).split())
+    text = " ".join(valid_unicode(str(text)).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _clamp(value, low: float, high: float, default: float) -> float:
-    """`value` forced into [low, high]; anything that is not a real number (None, "abc", NaN) gives `default`."""
+def valid_unicode(text: str) -> str:
+    """`text` with each lone surrogate (half of a UTF-16 pair, which no UTF-8 encoder takes) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+
+
+def _clamp(name: str, value, low: float, high: float, default: float) -> tuple[float, str | None]:
+    """`value` forced into [low, high] (None: `default`), or a problem naming the setting for anything that is not
+    a finite number ("abc", True, NaN, inf)."""
+    if value is None:
+        return default, None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return default
+        return default, f"{name} must be a number from {low:g} to {high:g}, not {_one_line(repr(value), 40)}"
     try:
         number = float(value)
-    except OverflowError:  # an int beyond float range
-        number = math.inf if value > 0 else -math.inf
-    return default if math.isnan(number) else min(max(number, low), high)
+    except OverflowError:  # an int beyond float range: out of range, like any other too big number
+        number = high if value > 0 else low
+    if not math.isfinite(number):
+        return default, f"{name} must be a finite number from {low:g} to {high:g}, not {number}"
+    return min(max(number, low), high), None
 
 
 @dataclass(frozen=True)
@@ -66,18 +85,25 @@ class Sampling:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def clamped(self) -> Sampling:
-        """Safe values whatever was sent: out-of-range numbers clamped, non-numbers replaced by the defaults.
+        """The settings within their bounds (out-of-range numbers clamped, None the default); UserError naming every
+        setting that is not a finite number.
 
-        >>> Sampling(temperature=-5, top_p=7, max_new_tokens=10**9).clamped()
+        >>> Sampling(temperature=-5, top_p=7, max_new_tokens=10**400).clamped()
         Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1024)
-        >>> Sampling(temperature=float("nan"), top_p="high", max_new_tokens=None).clamped()
+        >>> Sampling(temperature=None, top_p=None, max_new_tokens=None).clamped()
         Sampling(temperature=0.7, top_p=0.9, max_new_tokens=256)
+        >>> Sampling(temperature=float("nan"), top_p="high", max_new_tokens=float("inf")).clamped()
+        Traceback (most recent call last):
+        space.replies.UserError: Temperature must be a finite number from 0 to 2, not nan; top_p must be a number \
+from 0.05 to 1, not 'high'; Max new tokens must be a finite number from 16 to 1024, not inf.
         """
-        return Sampling(
-            temperature=_clamp(self.temperature, *TEMPERATURE_RANGE, DEFAULT_TEMPERATURE),
-            top_p=_clamp(self.top_p, *TOP_P_RANGE, DEFAULT_TOP_P),
-            max_new_tokens=int(_clamp(self.max_new_tokens, *MAX_NEW_TOKENS_RANGE, DEFAULT_MAX_NEW_TOKENS)),
-        )
+        checked = [_clamp("Temperature", self.temperature, *TEMPERATURE_RANGE, DEFAULT_TEMPERATURE),
+                   _clamp("top_p", self.top_p, *TOP_P_RANGE, DEFAULT_TOP_P),
+                   _clamp("Max new tokens", self.max_new_tokens, *MAX_NEW_TOKENS_RANGE, DEFAULT_MAX_NEW_TOKENS)]
+        if problems := [problem for _, problem in checked if problem]:
+            raise UserError("; ".join(problems) + ".")
+        (temperature, _), (top_p, _), (max_new_tokens, _) = checked
+        return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens))
 
 
 @dataclass
@@ -93,9 +119,10 @@ class Reply:
     tokens_per_s: float | None = None  # decoding speed after the first token
     finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
     error: str | None = None  # a message for the user instead of an answer
+    status: str | None = None  # before the first token, what the answer waits for ("Model 3B is answering ...")
 
     def stats(self) -> str:
-        """One line for the UI, empty until the first token.
+        """One line for the UI: the status until the first token, then the statistics.
 
         >>> Reply("Hi there", ttft_s=0.123, tokens=57, tokens_per_s=34.49).stats()
         'TTFT 0.12 s · 34.5 tok/s · 57 tokens'
@@ -103,9 +130,11 @@ class Reply:
         'TTFT 0.50 s · 1 token'
         >>> Reply("").stats()
         ''
+        >>> Reply("", status="Model 3B is answering another request; waiting for it (2 s).").stats()
+        'Model 3B is answering another request; waiting for it (2 s).'
         """
         if self.ttft_s is None:
-            return ""
+            return self.status or ""
         parts = [f"TTFT {self.ttft_s:.2f} s"]
         if self.tokens_per_s is not None:
             parts.append(f"{self.tokens_per_s:.1f} tok/s")

@@ -126,9 +126,10 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
 
 
 def _base_package() -> set[str]:
-    """common/, the base package the app imports, as the Space gets it beside space/ (sources only)."""
+    """common/, the base package the app imports, as the Space gets it beside space/ (sources only), and the modules
+    of compare/ that its Leaderboard imports (the ratings, and the report's number formats)."""
     return {path.relative_to(REPO).as_posix() for path in (REPO / "common").rglob("*.py")
-            if "__pycache__" not in path.parts}
+            if "__pycache__" not in path.parts} | {"compare/__init__.py", "compare/ratings.py", "compare/report.py"}
 
 
 def _listing_of_space() -> set[str]:
@@ -442,3 +443,75 @@ def test_a_server_joins_the_catalog_and_its_key_stays_a_secrets_name(tmp_path):
                            "api_key_env": "LLAMA_KEY"}
     with pytest.raises(UsageError, match="--server 'nonsense': expected LABEL=URL#MODEL"):
         config_from_args(["--space-id", SPACE_ID, "--server", "nonsense"])
+
+
+# ---------------------------------------------------------------- the arena: base models and compare's report
+
+
+BASE_1B, BASE_3B = "unsloth/Llama-3.2-1B-Instruct-GGUF", "unsloth/Llama-3.2-3B-Instruct-GGUF"
+
+
+def compare_report(folder: Path) -> Path:
+    """A compare.json as scripts/compare.py writes it, cut to the figures the Leaderboard shows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {"label": LABEL_1B, "size_bytes": 807_694_464, "heldout": {"perplexity": 7.31},
+               "generation": {"tokens_per_s_median": 27.4, "eot_share": 0.9}}
+    (folder / "compare.json").write_text(json.dumps({"created": "2026-01-02 10:00 UTC", "machine": {"cpu": "EPYC"},
+                                                     "models": [figures]}))
+    return folder / "compare.json"
+
+
+def test_dry_run_shows_the_base_models_and_the_report(deploy_space, tmp_path, capsys):
+    report = compare_report(tmp_path / "reports" / "1b-vs-3b")
+    out = tmp_path / "out"
+    assert dry_run(deploy_space, out, "--base-models", "--report", str(report.parent)) == 0
+    variables = json.loads((out / ".space_variables.json").read_text())["variables"]
+    catalog = json.loads(variables["SPACE_MODELS"])
+    assert catalog[2:] == [
+        {"label": "Llama-3.2-1B Instruct base (q4_k_m)", "repo_id": BASE_1B,
+         "filename": "Llama-3.2-1B-Instruct-Q4_K_M.gguf"},
+        {"label": "Llama-3.2-3B Instruct base (q4_k_m)", "repo_id": BASE_3B,
+         "filename": "Llama-3.2-3B-Instruct-Q4_K_M.gguf"},
+    ]
+    assert [entry["repo_id"] for entry in catalog[:2]] == [MODEL_1B, MODEL_3B]  # the fine-tunes first
+    assert variables["SPACE_REPORT"] == "reports/compare.json"
+    assert (out / "reports" / "compare.json").read_bytes() == report.read_bytes()
+    card, body = front_matter_and_body((out / "README.md").read_text())
+    assert card["models"] == [MODEL_1B, MODEL_3B, BASE_1B, BASE_3B] and "Instruct base" in body
+    output = capsys.readouterr().out
+    assert "  reports/compare.json  (" in output and "variable SPACE_REPORT = reports/compare.json" in output
+    assert BASE_1B in output and BASE_3B in output
+
+    # The shipped code reads the shipped report where SPACE_REPORT says, from the Space's root, as the app does.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    read = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, '.'); "
+                           "from space.leaderboard import load_report, report_headlines; "
+                           "print(report_headlines(load_report(os.environ['SPACE_REPORT']))[1][0])"],
+                          cwd=out, env={**env, "SPACE_REPORT": variables["SPACE_REPORT"]}, capture_output=True,
+                          text=True, timeout=120)
+    assert read.returncode == 0 and "7.31" in read.stdout, read.stderr[-2000:]
+
+
+def test_base_models_alone_are_enough(deploy_space, fake_space, tmp_path):
+    assert dry_run(deploy_space, tmp_path / "out", "--base-models", models=()) == 0
+    variables = json.loads((tmp_path / "out" / ".space_variables.json").read_text())["variables"]
+    assert [entry["repo_id"] for entry in json.loads(variables["SPACE_MODELS"])] == [BASE_1B, BASE_3B]
+    assert "SPACE_REPORT" not in variables
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--report", "{missing}"], "--report {missing}/compare.json: cannot read it ([Errno 2] No such file or "
+                                "directory: '{missing}/compare.json'); give the compare.json that `python "
+                                "scripts/compare.py --out DIR` wrote (or DIR)"),
+    (["--report", "{not_a_report}"], "--report {not_a_report}: not a compare report (it needs `models`, each with "
+                                     "a label, held-out and generation figures); give the compare.json that `python "
+                                     "scripts/compare.py --out DIR` wrote (or DIR)"),
+    (["--variable", "SPACE_REPORT=x.json"], "--variable SPACE_REPORT: set by --report; leave it out of --variable"),
+])
+def test_a_bad_report_is_one_line_and_exit_2(deploy_space, tmp_path, capsys, extra, message):
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "votes.json").write_text('{"models": []}')
+    names = {"missing": tmp_path / "missing", "not_a_report": tmp_path / "votes.json"}
+    assert dry_run(deploy_space, tmp_path / "out", *(item.format(**names) for item in extra)) == 2
+    assert capsys.readouterr().err == f"error: {message.format(**names)}\n"
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import threading
+import time
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ from common.llama import extra_buffers, open_gguf
 from common.llama3 import EOT_ID
 from space.catalog import ModelSpec, catalog_from_paths, load_catalog
 from space.engine import Engine
-from space.history import flatten_content, history_to_messages, trim_history
+from space.prompt import StateCache, state_bytes
+from space.history import flatten_content, history_to_messages, prompt_text, trim_history
 from space.replies import Reply, Sampling, UserError
 from space.votes import VoteLog, unique_vote_file
 
@@ -53,18 +55,56 @@ def test_history_to_messages_on_gradio_6_shapes():
         {"role": "tool", "content": "nor this"},
         {"role": "assistant", "content": ""},
         SimpleNamespace(role="user", content="as an object", metadata=None),
-        "garbage",
+        {"role": "assistant", "content": "half a pair: \ud800"},  # comes back every turn: mended, not refused
     ]
     assert history_to_messages(history) == [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "as an object"},
+        {"role": "assistant", "content": "half a pair: \ufffd"},
     ]
 
 
-@pytest.mark.parametrize("history", [None, "not a list", 42, []])
-def test_history_to_messages_tolerates_anything(history):
+@pytest.mark.parametrize("history", [None, [], ()])
+def test_no_history_is_an_empty_conversation(history):
     assert history_to_messages(history) == []
+
+
+@pytest.mark.parametrize("history, expected", [
+    ("not a list", "The conversation history must be a list of messages, not str; send [] to start a new one."),
+    ({"role": "user"}, "must be a list of messages, not dict"),
+    (42, "must be a list of messages, not int"),
+    ([{"role": "user", "content": "Hi"}, "garbage"], "Message 2 of the conversation history is a str, not a "),
+    ([None], "Message 1 of the conversation history is a NoneType"),
+])
+def test_history_of_the_wrong_shape_is_one_line(history, expected):
+    with pytest.raises(UserError) as error:
+        history_to_messages(history)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, ""),
+    ("  text  ", "text"),
+    ({"text": "multimodal", "files": []}, "multimodal"),
+    ("<|eot_id|>", "<|eot_id|>"),  # special-token strings are text like any other
+])
+def test_prompt_text_accepts_text(value, expected):
+    assert prompt_text(value, "message") == expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    (42, "Your message must be text, not int; send it as a string."),
+    (3.5, "Your message must be text, not float"),
+    (b"bytes", "Your message must be text, not bytes"),
+    ("ok\ud800", "Your message holds U+D800 at character 3, half of a UTF-16 surrogate pair and not valid Unicode; "
+                  "remove it and send again."),
+    ("\udfff", "Your message holds U+DFFF at character 1"),
+])
+def test_prompt_text_refuses_what_is_not_text(value, expected):
+    with pytest.raises(UserError) as error:
+        prompt_text(value, "message")
+    assert str(error.value).startswith(expected)
 
 
 # ---------------------------------------------------------------------- trimming
@@ -139,17 +179,22 @@ def test_trim_history_matches_dropping_one_exchange_at_a_time():
             assert trim_history(chat, count_characters, n_ctx, 5) == expected
 
 
-def test_trim_history_too_long_message_says_so():
-    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "x" * 50}]
+@pytest.mark.parametrize("system, message, expected", [
+    ("S", "x" * 50, "Your message is too long for this model's context: the prompt comes to 51 tokens where 30 fit "
+                    "(10 more are kept for the answer); shorten it by 21 tokens."),
+    ("", "x" * 50, "Your message is too long for this model's context: the prompt comes to 50 tokens where 30 fit"),
+    ("S" * 50, "Hi", "Your system prompt is too long for this model's context: the prompt comes to 52 tokens where "
+                     "30 fit (10 more are kept for the answer); shorten it by 22 tokens."),
+    ("S" * 20, "x" * 20, "Your system prompt and message are too long for this model's context: the prompt comes to "
+                         "40 tokens where 30 fit (10 more are kept for the answer); shorten them by 10 tokens."),
+])
+def test_a_prompt_too_long_names_the_part_and_by_how_much(system, message, expected):
+    chat = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": "old"}, {"role": "assistant", "content": "history goes first"},
+        {"role": "user", "content": message}]
     with pytest.raises(UserError) as error:
         trim_history(chat, lambda messages: sum(len(m["content"]) for m in messages), n_ctx=40, max_new_tokens=10)
-    assert str(error.value) == ("Your message is too long for this model's context: the prompt would be 51 "
-                                "tokens, 21 over the limit of 30; shorten the message by at least that much.")
-    chat = [{"role": "system", "content": "S" * 50}, {"role": "user", "content": "Hi"}]
-    with pytest.raises(UserError) as error:
-        trim_history(chat, lambda messages: sum(len(m["content"]) for m in messages), n_ctx=40, max_new_tokens=10)
-    assert str(error.value).startswith("Your system prompt is too long for this model's context: the prompt would "
-                                       "be 52 tokens, 22 over the limit of 30; shorten the system prompt")
+    assert str(error.value).startswith(expected)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -158,10 +203,7 @@ def test_trim_history_too_long_message_says_so():
     (Sampling(0.0, 0.05, 16), Sampling(0.0, 0.05, 16)),
     (Sampling(-5, 7, 10**9), Sampling(0.0, 1.0, 1024)),
     (Sampling(99, 0, 1), Sampling(2.0, 0.05, 16)),
-    (Sampling(float("nan"), float("nan"), float("nan")), Sampling(0.7, 0.9, 256)),
-    (Sampling(float("inf"), float("-inf"), float("inf")), Sampling(2.0, 0.05, 1024)),
-    (Sampling("hot", None, "many"), Sampling(0.7, 0.9, 256)),
-    (Sampling(True, [1], {"a": 1}), Sampling(0.7, 0.9, 256)),
+    (Sampling(None, None, None), Sampling(0.7, 0.9, 256)),
     (Sampling(1, 1, 100.9), Sampling(1.0, 1.0, 100)),
     (Sampling(0.5, 0.5, 10**400), Sampling(0.5, 0.5, 1024)),
 ])
@@ -171,8 +213,26 @@ def test_sampling_clamped(given, expected):
     assert isinstance(clamped.max_new_tokens, int) and not math.isnan(clamped.temperature)
 
 
+@pytest.mark.parametrize("given, expected", [
+    (Sampling(float("nan"), 0.9, 256), "Temperature must be a finite number from 0 to 2, not nan."),
+    (Sampling(0.7, float("-inf"), 256), "top_p must be a finite number from 0.05 to 1, not -inf."),
+    (Sampling(0.7, 0.9, float("inf")), "Max new tokens must be a finite number from 16 to 1024, not inf."),
+    (Sampling("hot", 0.9, "many"), "Temperature must be a number from 0 to 2, not 'hot'; Max new tokens must be a "
+                                   "number from 16 to 1024, not 'many'."),
+    (Sampling(True, [1], {"a": 1}), "Temperature must be a number from 0 to 2, not True; top_p must be a number "
+                                    "from 0.05 to 1, not [1]; Max new tokens must be a number from 16 to 1024, not "
+                                    "{'a': 1}."),
+])
+def test_sampling_that_is_not_a_finite_number_names_every_setting(given, expected):
+    with pytest.raises(UserError) as error:
+        given.clamped()
+    assert str(error.value) == expected
+
+
 def test_reply_stats():
     assert Reply("").stats() == ""
+    assert Reply("", status="Model 3B is answering another request; waiting for it (2 s).").stats() == (
+        "Model 3B is answering another request; waiting for it (2 s).")
     assert Reply("x", ttft_s=0.123, tokens=57, tokens_per_s=34.49).stats() == "TTFT 0.12 s · 34.5 tok/s · 57 tokens"
 
 
@@ -373,25 +433,50 @@ def test_cancel_while_waiting_for_a_busy_model(engine):
     ("first", "   \n", "Your message is empty"),
     ("first", None, "Your message is empty"),
     ("first", "x" * 8001, "Your message is 8,001 characters, over the limit of 8,000; shorten it."),
+    ("first", 42, "Your message must be text, not int; send it as a string."),
+    ("first", [{"type": "file", "file": {"path": "/tmp/cat.png"}}], "Your message is empty"),  # no text in it
+    ("first", "Hi \ud800", "Your message holds U+D800 at character 4, half of a UTF-16 surrogate pair"),
+    ("\ud800", "Hi", "Unknown model '\ufffd'"),  # the error line itself stays valid Unicode
 ])
 def test_user_mistakes_come_back_as_reply_errors(engine, label, message, expected):
     label = engine.labels[0] if label == "first" else label
     states = drain(engine.stream_chat(label, message))
     assert len(states) == 1 and states[0].done and states[0].finish_reason == "error"
     assert states[0].error.startswith(expected) and "\n" not in states[0].error
+    states[0].error.encode("utf-8")
 
 
-def test_too_long_for_the_context_comes_back_as_reply_error(small_engine):
-    states = drain(small_engine.stream_chat(small_engine.labels[0], "word " * 1000))
-    assert len(states) == 1 and states[0].error.startswith("Your message is too long for this model's context: ")
+@pytest.mark.parametrize("arguments, expected", [
+    (dict(system_prompt="\udc80 be brief"), "Your system prompt holds U+DC80 at character 1"),
+    (dict(system_prompt=7), "Your system prompt must be text, not int"),
+    (dict(history="Hi"), "The conversation history must be a list of messages, not str"),
+    (dict(history=[["user", "Hi"]]), "Message 1 of the conversation history is a list"),
+    (dict(sampling=Sampling(temperature=float("nan"))), "Temperature must be a finite number from 0 to 2, not nan."),
+    (dict(sampling=Sampling(top_p="0.5")), "top_p must be a number from 0.05 to 1, not '0.5'."),
+])
+def test_bad_requests_come_back_as_one_line_and_the_model_answers_afterwards(engine, caplog, arguments, expected):
+    label = engine.labels[0]
+    with caplog.at_level("DEBUG"):
+        states = drain(engine.stream_chat(label, "Hi", **arguments))
+    assert len(states) == 1 and states[0].error.startswith(expected) and "\n" not in states[0].error
+    assert not any(record.exc_info for record in caplog.records)  # a user's mistake writes no traceback
+    assert drain(engine.stream_chat(label, "Hi", sampling=GREEDY))[-1].text
+
+
+def test_too_long_for_the_context_names_the_part_to_shorten(small_engine):
+    label = small_engine.labels[0]
+    state, = drain(small_engine.stream_chat(label, "word " * 1000))
+    assert state.error.startswith("Your message is too long for this model's context: the prompt comes to ")
+    state, = drain(small_engine.stream_chat(label, "Hi", system_prompt="word " * 1000))
+    assert state.error.startswith("Your system prompt is too long for this model's context: the prompt comes to ")
+    assert state.error.endswith(" tokens.") and "where 128 fit (128 more are kept for the answer)" in state.error
 
 
 @pytest.mark.parametrize("sampling", [
     Sampling(temperature=-5, top_p=7, max_new_tokens=10**9),
-    Sampling(temperature=float("nan"), top_p=float("nan"), max_new_tokens=float("nan")),
-    Sampling(temperature="hot", top_p=None, max_new_tokens=-3),
+    Sampling(temperature=None, top_p=None, max_new_tokens=-3),
 ])
-def test_hostile_sampling_values_still_answer(small_engine, sampling):
+def test_out_of_range_sampling_values_are_clamped_and_answered(small_engine, sampling):
     final = drain(small_engine.stream_chat(small_engine.labels[0], "Hi", sampling=sampling))[-1]
     assert final.done and final.error is None and final.text
     assert final.tokens <= 256 // 2  # clamped to ≤ 1024, then to half the 256-token context
@@ -474,27 +559,72 @@ def test_stream_compare_reports_each_sides_mistakes(engine):
     assert bad_a.error == bad_b.error == "Unknown compare mode 'sideways'; choose one of: sequential, interleaved"
 
 
-def test_state_cache_stores_states_slim_and_the_longest_of_a_conversation():
+def _state(kv_bytes: int = 2):
     import numpy as np
     from llama_cpp.llama import LlamaState
 
-    def state():
-        return LlamaState(input_ids=np.zeros(8, np.intc), scores=np.ones((3, 5), np.single), n_tokens=3,
-                          llama_state=b"kv", llama_state_size=2, seed=0)
+    return LlamaState(input_ids=np.zeros(8, np.intc), scores=np.ones((1, 1), np.single), n_tokens=3,
+                      llama_state=b"k" * kv_bytes, llama_state_size=kv_bytes, seed=0)
 
-    cache = engine_module._StateCache(capacity_bytes=2**20)
-    cache[[1, 2, 3]] = state()
-    cache[[1, 2, 9]] = state()  # another conversation (or a retried answer): kept
-    cache[[1, 2, 3, 4, 5]] = state()  # the first conversation's next turn replaces its previous state
+
+def test_state_cache_keeps_the_longest_state_of_a_conversation():
+    cache = StateCache(capacity_bytes=2**20)
+    cache[[1, 2, 3]] = _state()
+    cache[[1, 2, 9]] = _state()  # another conversation (or a retried answer): kept
+    cache[[1, 2, 3, 4, 5]] = _state()  # the first conversation's next turn replaces its previous state
     assert list(cache.cache_state) == [(1, 2, 9), (1, 2, 3, 4, 5)]
-    assert all(state.scores.shape == (1, 5) for state in cache.cache_state.values())
+    assert cache.cache_size == sum(state_bytes(key, state) for key, state in cache.cache_state.items())
 
 
-def test_prompt_states_are_cached_without_their_logits_copy(engine):
+def test_state_cache_counts_all_a_state_holds_and_evicts_the_least_recently_used():
+    one = state_bytes((1, 2, 3), _state(1000))
+    assert one == 1000 + 8 * 4 + 4 + 3 * 36  # llama.cpp's state, the token array, the logits cell, the key's ints
+    cache = StateCache(capacity_bytes=2 * one)
+    cache[[1, 2, 3]], cache[[4, 5, 6]] = _state(1000), _state(1000)
+    assert cache[[1, 2, 3, 7]] is cache.cache_state[(1, 2, 3)]  # restored: now the most recently used
+    cache[[7, 8, 9]] = _state(1000)
+    assert list(cache.cache_state) == [(1, 2, 3), (7, 8, 9)] and cache.cache_size == 2 * one
+    cache[[9, 9, 9]] = _state(3 * one)  # more than the whole bound: not kept, nothing evicted for it
+    assert list(cache.cache_state) == [(1, 2, 3), (7, 8, 9)] and cache.cache_size == 2 * one
+
+
+def test_a_lookup_refreshes_a_state_only_when_it_is_restored():
+    """Every request's prompt shares the template's header with every saved state: a lookup that Llama will not
+    restore from (the context holds as much of the prompt) must not make a state the most recently used."""
+    import numpy as np
+
+    context = SimpleNamespace(input_ids=np.array([1, 2, 0, 0], np.intc), n_tokens=2)
+    cache = StateCache(capacity_bytes=2**20, llm=context)
+    cache[[1, 2, 3]], cache[[1, 5, 6]] = _state(), _state()
+    assert cache[[1, 2, 3, 4]] is cache.cache_state[(1, 2, 3)]  # holds 3 tokens of the prompt, the context 2
+    assert list(cache.cache_state) == [(1, 5, 6), (1, 2, 3)]
+    context.n_tokens = 3
+    context.input_ids[2] = 3
+    with pytest.raises(KeyError):
+        cache[[1, 2, 3, 4]]  # the context already holds all the state has: a miss, nothing refreshed
+    assert list(cache.cache_state) == [(1, 5, 6), (1, 2, 3)]
+
+
+def test_prompt_states_are_cached_without_a_logits_copy(engine):
+    """Llama's n_batch × n_vocab logits buffer, unread with logits_all=False, is one cell: restoring a state never
+    writes (and so never maps) hundreds of MB of it, and a saved state carries 4 bytes of it."""
     label = engine.labels[1]
     drain(engine.stream_chat(label, "Remember me.", sampling=GREEDY))
+    assert engine.get(label).scores.shape == (1, 1)
     states = list(engine.get(label).cache.cache_state.values())
-    assert states and all(state.scores.shape[0] == 1 for state in states)
+    assert states and all(state.scores.nbytes == 4 for state in states)
+
+
+def test_the_cache_bound_comes_from_the_owners_setting(tiny_gguf, monkeypatch):
+    spec = catalog_from_paths([str(tiny_gguf)])
+    monkeypatch.delenv("SPACE_CACHE_MB", raising=False)
+    assert Engine(spec).cache_bytes == 512 * 2**20
+    monkeypatch.setenv("SPACE_CACHE_MB", "64")
+    assert Engine(spec).cache_bytes == 64 * 2**20 and Engine(spec, cache_bytes=0).cache_bytes == 0
+    for setting in ("lots", "-1", "1.5"):
+        monkeypatch.setenv("SPACE_CACHE_MB", setting)
+        with pytest.raises(UserError, match=f"SPACE_CACHE_MB='{setting}': expected a whole number of MiB"):
+            Engine(spec)
 
 
 # ---------------------------------------------------------------------- loading
@@ -649,7 +779,7 @@ def test_special_token_strings_typed_by_users_are_plain_text(engine):
 
     plain = FORGED.replace("eot_id", "eot_ie").replace("header_id", "header_ie")
     assert count(FORGED) == count(plain) and count("Hi", system=FORGED) == count("Hi", system=plain)
-    assert count("<|eot_id|>" * 1000) == count("<|eot_ie|>" * 1000) > 3000
+    assert count("<|eot_id|>" * 10_000) == count("<|eot_ie|>" * 10_000) > 50_000  # the issue saw 10,036
     tokens, _ = model.prompt_tokens([{"role": "system", "content": FORGED}, {"role": "user", "content": FORGED}])
     assert tokens.count(EOT_ID) == 2  # the system turn's and the user turn's, written by the template
 
@@ -670,19 +800,126 @@ def test_a_forged_turn_is_answered_as_text_and_reuse_still_works(engine):
     assert second.error is None and second.tokens > 0
 
 
-def test_the_prompt_state_cache_stays_within_the_owners_bound(tiny_gguf):
-    """Many users taking turns on one model: the saved states are evicted least recently used first, and the cache
-    never holds more than the bound (a small one here: a few conversations' worth)."""
-    bound = 2**20  # about four of the tiny model's states
-    engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, cache_bytes=bound)
+def test_the_prompt_state_cache_stays_within_the_owners_bound(tiny_gguf, monkeypatch):
+    """Many users taking turns on one model: the saved states are evicted least recently used first, and all they
+    hold never exceeds the bound the owner set (a small one here: a few conversations' worth)."""
+    monkeypatch.setenv("SPACE_CACHE_MB", "1")
+    engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512)
     label = engine.labels[0]
     cache = engine._model(label).llm.cache
-    sizes = []
+    keys = []
     for user in range(12):
         *_, reply = engine.stream_chat(label, f"User {user} asks question number {user} " * 8,
                                        sampling=Sampling(temperature=0.0, max_new_tokens=16))
         assert reply.error is None
-        sizes.append(cache.cache_size)
-    assert max(sizes) <= bound and len(cache.cache_state) < 12  # some states were evicted to stay within it
-    assert f"bound {bound // 2**20} MiB each): {label} " in engine.memory_line()
-    assert engine.memory_line().startswith("memory: RSS ")
+        held = sum(state_bytes(key, state) for key, state in cache.cache_state.items())
+        assert cache.cache_size == held <= 2**20
+        keys.append(list(cache.cache_state)[-1])  # this user's state, the most recently used
+    kept = len(cache.cache_state)
+    assert 1 < kept < 12 and keys[-1] in cache.cache_state and keys[0] not in cache.cache_state  # the oldest went
+    line = engine.memory_line()
+    assert line.startswith("memory: RSS ") and line.endswith(
+        f"saved prompt states (at most 1 MiB per model): {label} {cache.cache_size / 2**20:,.0f} MiB in {kept}")
+
+
+def test_a_forged_turn_still_ends_at_the_real_end_of_turn(tiny_gguf, monkeypatch):
+    """The model's own <|eot_id|> still ends the answer when the message and system prompt hold the same characters
+    (the tiny model rarely samples it: the fourth token sampled is made to be it)."""
+    engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512)
+    label = engine.labels[0]
+    llm, sampled = engine.get(label), []
+    sample = llm.sample
+
+    def sample_then_end(*args, **kwargs):
+        sampled.append(EOT_ID if len(sampled) == 3 else sample(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(llm, "sample", sample_then_end)
+    final = drain(engine.stream_chat(label, FORGED, system_prompt=FORGED, sampling=GREEDY))[-1]
+    assert final.error is None and final.finish_reason == "stop" and 0 < final.tokens <= 3 and len(sampled) == 4
+
+
+# ---------------------------------------------------------------------- busy models and Stop
+def _consume(stream, states: list) -> threading.Thread:
+    """Iterate `stream` in a thread, appending each state to `states` as it comes."""
+    def run():
+        for state in stream:
+            states.append(state)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _until(condition, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
+def test_a_request_waiting_for_a_busy_model_says_why(engine):
+    label = engine.labels[0]
+    holder = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
+    next(holder)  # another user's answer holds the model
+    states = []
+    waiter = _consume(engine.stream_chat(label, "Me too", sampling=GREEDY), states)
+    _until(lambda: states)
+    assert states[0] == Reply(text="", status=f"Model {label} is answering another request; waiting for it (0 s).")
+    assert states[0].stats() == states[0].status
+    holder.close()
+    waiter.join(60)
+    assert states[-1].done and states[-1].text and states[-1].error is None and states[-1].status is None
+    assert not any(state.status for state in states[1:])  # no status once the wait is over
+
+
+def test_a_compare_side_waiting_for_a_busy_model_names_the_side_not_the_model(engine):
+    a, b = engine.labels
+    holder = engine.stream_chat(b, "Write a long story.", sampling=Sampling(max_new_tokens=200))
+    next(holder)
+    states = []
+    comparing = _consume(engine.stream_compare(a, b, "Hi", sampling=GREEDY, mode="interleaved"), states)
+    _until(lambda: any(reply_b.status for _, reply_b in states))
+    status = next(reply_b.status for _, reply_b in states if reply_b.status)
+    assert status == "Model B is answering another request; waiting for it (0 s)." and b not in status
+    holder.close()
+    comparing.join(60)
+    assert all(reply.done and reply.text for reply in states[-1])
+
+
+def test_cancel_frees_both_models_of_a_compare_at_once(engine):
+    """The Stop button of a compare, from another thread than the one streaming it."""
+    a, b = engine.labels
+    cancel, states = threading.Event(), []
+    comparing = _consume(engine.stream_compare(a, b, "Write a long story.", sampling=Sampling(max_new_tokens=400),
+                                               mode="interleaved", cancel=cancel), states)
+    _until(lambda: states and states[-1][1].tokens)
+    assert engine.is_busy(a) and engine.is_busy(b)
+    cancel.set()
+    comparing.join(30)
+    assert not comparing.is_alive()
+    assert [reply.finish_reason for reply in states[-1]] == ["cancelled", "cancelled"]
+    assert not engine.is_busy(a) and not engine.is_busy(b)
+
+
+def test_an_interleaved_compare_frees_each_model_when_its_answer_ends(engine, monkeypatch):
+    """A short answer does not keep its model from other users while the other side is still writing."""
+    a, b = engine.labels
+    llm_a, sampled = engine.get(a), []
+    sample = llm_a.sample
+
+    def sample_then_end(*args, **kwargs):  # A's answer ends after two tokens
+        sampled.append(EOT_ID if len(sampled) == 2 else sample(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(llm_a, "sample", sample_then_end)
+    stream = engine.stream_compare(a, b, "Write a long story.", sampling=Sampling(max_new_tokens=200),
+                                   mode="interleaved")
+    for reply_a, reply_b in stream:
+        if reply_a.done and reply_b.tokens > 4:
+            break
+    assert reply_a.finish_reason == "stop" and not reply_b.done
+    assert not engine.is_busy(a) and engine.is_busy(b)
+    assert drain(engine.stream_chat(a, "Hi", sampling=GREEDY))[-1].text  # A answers someone else meanwhile
+    stream.close()
+    assert not engine.is_busy(b)

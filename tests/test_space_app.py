@@ -88,3 +88,68 @@ def test_hostile_values_come_back_as_messages_and_the_server_keeps_answering(cli
     assert message and "Traceback" not in message
     answer, stats = client.predict("Still there?", *CHAT_DEFAULTS.values(), api_name="/chat")
     assert answer and "tok/s" in stats
+
+
+def test_blind_votes_update_the_leaderboard_with_counts_and_intervals(client, server):
+    from compare.ratings import leaderboard, read_votes
+
+    _, votes = server
+
+    def board():
+        summary, ratings, pairs, _ = client.predict(api_name="/leaderboard")
+        return summary, {row[1]: row for row in ratings["data"]}, pairs["data"]
+
+    _, before, _ = board()
+    for choice in ("A", "B", "A", "tie", "both bad"):
+        client.predict("Name a colour.", "Tiny-A-Q4_K_M", "Tiny-B-Q4_K_M", "", 0.7, 0.9, 16, True, api_name="/compare")
+        assert client.predict(choice, api_name="/vote").startswith("Thanks!")
+    summary, after, pairs = board()
+
+    counted = sum(int(row[4]) for row in after.values()) // 2  # each counted vote is in both models' rows
+    assert counted == sum(int(row[4]) for row in before.values()) // 2 + 4  # "both bad" is shown, not counted
+    expected = leaderboard(read_votes([votes]))  # the same log, rated here: the tab shows exactly that
+    assert f"{expected.counted} vote" in summary and f"{expected.both_bad} both bad" in summary
+    for row in expected.ratings:
+        rank, model, rating, interval, count, _, record, both_bad = after[row.model]
+        assert (int(count), record, int(both_bad)) == (row.votes, f"{row.wins} / {row.ties} / {row.losses}",
+                                                       row.both_bad)
+        low, high = map(int, re.fullmatch(r"(\d+) – (\d+)", interval).groups())
+        assert low <= int(rating) <= high
+    assert [row[:3] for row in pairs] == [[expected.pairs[0].model, expected.pairs[0].opponent, str(counted)]]
+    assert re.fullmatch(r"\d+% \[\d+% – \d+%\]", pairs[0][-1])
+
+
+@pytest.fixture(scope="module")
+def three_models(tiny_gguf, tmp_path_factory):
+    """The app in-process over three catalog entries (the tiny GGUF three times): blind pairs are drawn."""
+    from gradio_client import Client
+
+    from space.app import build_app
+    from space.catalog import catalog_from_paths
+    from space.engine import Engine
+    from space.votes import VoteLog
+
+    folder = tmp_path_factory.mktemp("three")
+    paths = [folder / f"Tiny-{name}-Q4_K_M.gguf" for name in "XYZ"]
+    for path in paths:
+        path.symlink_to(tiny_gguf)
+    votes = VoteLog(folder / "votes" / "votes.jsonl")
+    app = build_app(Engine(catalog_from_paths([str(path) for path in paths]), n_ctx=512), votes, stream_interval=0)
+    _, url, _ = app.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield Client(url, verbose=False), votes.path
+    app.close()
+
+
+def test_blind_pairs_of_three_models_are_drawn_and_a_chosen_pair_is_kept(three_models):
+    client, votes = three_models
+    args = ("Hi", "Tiny-X-Q4_K_M", "Tiny-Y-Q4_K_M", "", 0.7, 0.9, 16)
+    for _ in range(9):  # random pair: the default with more than two models
+        client.predict(*args, True, api_name="/compare")
+        client.predict("tie", api_name="/vote")
+    drawn = [json.loads(line) for line in votes.read_text().splitlines()]
+    pairs = {frozenset((vote["model_a"], vote["model_b"])) for vote in drawn}
+    assert all(len(pair) == 2 for pair in pairs) and len(pairs) >= 2  # all three pairs equally likely: 1 in 6561 fails
+    client.predict(*args, True, False, api_name="/compare")  # chosen by hand, still blind
+    client.predict("A", api_name="/vote")
+    chosen = json.loads(votes.read_text().splitlines()[-1])
+    assert {chosen["model_a"], chosen["model_b"]} == {"Tiny-X-Q4_K_M", "Tiny-Y-Q4_K_M"} and chosen["blind"]

@@ -83,3 +83,37 @@ def test_compare_blind_then_vote_reveals_the_models(page):
         timeout=30_000)
     assert "Tiny-B-Q4_K_M" in page.locator("#compare-reveal").inner_text()
     page.screenshot(path=str(ARTIFACTS / "vote.png"), full_page=True)
+
+
+def open_leaderboard_and_wait_for(page, votes) -> str:
+    """Open the Leaderboard tab and wait until it shows every vote in the log; returns the ratings table's text."""
+    from compare.ratings import leaderboard, read_votes
+
+    expected = leaderboard(read_votes([votes]))
+    counted = f"{expected.counted} vote{'s' * (expected.counted != 1)} counted"
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.wait_for_function(f"() => (document.querySelector('#leaderboard-summary')?.innerText || '').includes("
+                           f"'{counted}')", timeout=30_000)
+    table = page.locator("#leaderboard-table").inner_text()
+    for row in expected.ratings:
+        assert row.model in table and f"{row.wins} / {row.ties} / {row.losses}" in table
+    return table
+
+
+def test_the_leaderboard_tab_counts_the_blind_votes(page, server):
+    votes = server[1]
+    table = open_leaderboard_and_wait_for(page, votes)
+    assert re.search(r"\d+ – \d+", table)  # each rating with its 95% interval
+    page.screenshot(path=str(ARTIFACTS / "leaderboard.png"), full_page=True)
+
+    before = len(votes.read_text().splitlines())
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-message textarea").fill("Which is larger, 3 or 5?")
+    page.locator("#compare-send").click()
+    page.wait_for_function(  # both answers finished
+        "() => (document.querySelector('#compare-reveal')?.innerText || '').includes('vote to see')", timeout=90_000)
+    page.locator("#vote-A").click()
+    page.wait_for_function("() => (document.querySelector('#compare-reveal')?.innerText || '').includes('Thanks')",
+                           timeout=30_000)
+    assert len(votes.read_text().splitlines()) == before + 1
+    open_leaderboard_and_wait_for(page, votes)  # the new vote is counted when the tab opens again
