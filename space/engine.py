@@ -244,7 +244,6 @@ class Engine:
             yield from model.stream(messages, sampling, cancel, started)
             return
         reply = Reply(text="")
-        first_token_at = None
         try:
             # No reset between calls: create_completion keeps the KV cache of the longest common prefix of this
             # prompt and the model's previous one, and the prompt continues from the context's own tokens as far
@@ -263,13 +262,7 @@ class Engine:
                     choice = chunk["choices"][0]
                     piece = choice["text"]
                     if piece:
-                        now = time.perf_counter()
-                        if first_token_at is None:
-                            first_token_at, reply.ttft_s = now, now - started
-                        reply.text += piece
-                        reply.tokens += 1
-                        if reply.tokens > 1:
-                            reply.tokens_per_s = (reply.tokens - 1) / (now - first_token_at)
+                        reply.add(piece, started)
                         yield replace(reply)  # a snapshot: consumers may keep earlier states
                     if choice["finish_reason"]:
                         reply.finish_reason = choice["finish_reason"]

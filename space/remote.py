@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -79,7 +78,7 @@ class RemoteModel:
         Tokens are counted as streamed pieces, which llama-server and llama-cpp-python's server send one per token;
         when the server reports usage at the end, its completion-token count replaces the estimate.
         """
-        reply, first_piece_at = Reply(text=""), None
+        reply = Reply(text="")
         stream = None
         try:
             stream = self.client().chat.completions.create(
@@ -97,13 +96,7 @@ class RemoteModel:
                 choice = chunk.choices[0]
                 piece = choice.delta.content if choice.delta else None
                 if piece:
-                    now = time.perf_counter()
-                    if first_piece_at is None:
-                        first_piece_at, reply.ttft_s = now, now - started
-                    reply.text += piece
-                    reply.tokens += 1
-                    if reply.tokens > 1:
-                        reply.tokens_per_s = (reply.tokens - 1) / (now - first_piece_at)
+                    reply.add(piece, started)
                     yield replace(reply)
                 if choice.finish_reason:
                     reply.finish_reason = choice.finish_reason

@@ -121,6 +121,22 @@ class Reply:
     error: str | None = None  # a message for the user instead of an answer
     status: str | None = None  # before the first token, what the answer waits for ("Model 3B is answering ...")
 
+    def add(self, piece: str, started: float) -> None:
+        """One streamed piece: the text grows, time to first token is set on the first (from `started`, when the
+        request came), tokens/s counts the pieces after it.
+
+        >>> reply = Reply("")
+        >>> reply.add("Hi", started=time.perf_counter()); reply.text, reply.tokens, reply.tokens_per_s is None
+        ('Hi', 1, True)
+        """
+        now = time.perf_counter()
+        if self.ttft_s is None:
+            self.ttft_s = now - started
+        self.text += piece
+        self.tokens += 1
+        if self.tokens > 1:
+            self.tokens_per_s = (self.tokens - 1) / (now - started - self.ttft_s)
+
     def stats(self) -> str:
         """One line for the UI: the status until the first token, then the statistics.
 
