@@ -8,6 +8,7 @@
     summary   the headline figures, the targets' verdicts and why a target is missed
     report    docs/benchmarks.md, docs/benchmarks.png and README.md's benchmark block
     training  the tiny preset's training throughput (scripts/bench_train.py)
+    waves     the Space's memory over waves of conversations (its prompt-state bound)
     cli       the command line of scripts/bench.py
 """
 

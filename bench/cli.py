@@ -30,6 +30,8 @@ Sections, each measurement repeated, median reported:
   concurrency 1, 2, 4 and 8 users at once on the 1B q4_k_m, 128 new tokens each: the Space's in-process engine vs
               llama.cpp's llama-server with a slot per user (built once from the pinned llama.cpp: ~7 min on 2
               cores); tokens/s in all and per user, TTFT p50/p95
+  waves       the Space's RSS over a warm-up and 3 waves of 100 conversations (20 at a time, 64 new tokens) on two
+              1B q4_k_m entries, with a state-cache bound the warm-up fills: memory must stay flat (<= 5% growth)
 Every step that loads a model runs in its own process, so the peak RSS reported is that process tree's own.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench import REPO, concurrency, log, startup, training
+from bench import REPO, concurrency, log, startup, training, waves
 from bench.summary import gb, misses, summary, targets_table
 from common.files import temporary_path, write_text_atomic
 from common.machine import usable_cpus
@@ -215,6 +215,8 @@ def render_report(results: dict, s: dict) -> str:
         lines += startup.render(sections["startup"])
     if "concurrency" in sections:
         lines += concurrency.render(sections["concurrency"])
+    if "waves" in sections:
+        lines += waves.render(sections["waves"])
     if "buffers" in sections:
         b, sb = sections["buffers"], s["buffers"]
         lines += ["## llama.cpp's extra buffer types: the cost of the AMX safe path", "",

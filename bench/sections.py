@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench import concurrency, log, startup, training
+from bench import concurrency, log, startup, training, waves
 from bench.harness import measured
 from bench.report import RESULTS
 from bench.shapes import PUBLISHED_PARAMETERS, build_adapter, build_base
@@ -20,7 +20,8 @@ from common.files import write_text_atomic
 from common.llama import extra_buffers, system_info
 from common.machine import cpu_name, usable_cpus
 
-SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers", "concurrency")
+SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers", "concurrency",
+            "waves")
 
 
 class Paths:
@@ -130,6 +131,11 @@ def run_sections(args, results: dict) -> None:
         one_b = Paths(args.work, "1b")
         ensure_exported(one_b)
         save("concurrency", concurrency.measure(one_b.q4, users=(1, 2, 4, 8), new_tokens=128, repeats=args.repeats))
+    if "waves" in args.sections:
+        one_b = Paths(args.work, "1b")
+        ensure_exported(one_b)
+        log("waves: 4 waves of 100 conversations through the Space, two 1B entries")
+        save("waves", waves.measure([one_b.q4, one_b.q4], args.work / "waves"))
     if "buffers" in args.sections:
         one_b = Paths(args.work, "1b")
         ensure_exported(one_b)

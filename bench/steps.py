@@ -186,12 +186,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_space(gguf: str, folder: Path, stream_interval: float) -> tuple[subprocess.Popen, str]:
+def start_space(ggufs: list[str], folder: Path, stream_interval: float,
+                *options: str) -> tuple[subprocess.Popen, str, Path]:
+    """`python space/app.py` serving `ggufs` on a free port, with `options` after its own; (process, url, log)."""
     port = _free_port()
     server_log = folder / f"space-server-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "space/app.py"), "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-         "--votes", str(folder / "votes.jsonl"), "--stream-interval", str(stream_interval)],
+        [sys.executable, str(REPO / "space/app.py"), *[arg for gguf in ggufs for arg in ("--model", gguf)],
+         "--host", "127.0.0.1", "--port", str(port), "--votes", str(folder / "votes.jsonl"),
+         "--stream-interval", str(stream_interval), *options],
         cwd=REPO, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
@@ -199,7 +202,7 @@ def _start_space(gguf: str, folder: Path, stream_interval: float) -> tuple[subpr
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
-            return process, url
+            return process, url, server_log
         except OSError:
             if process.poll() is not None or time.time() > deadline:
                 process.kill()
@@ -216,7 +219,7 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
     servers = {}
     try:
         for interval in intervals:
-            servers[interval] = _start_space(gguf, Path(folder), interval)
+            servers[interval] = start_space([gguf], Path(folder), interval)[:2]
         label = Path(gguf).stem
         # Raw llama-cpp-python exactly as space/engine.py sets it up and calls it.
         raw = open_gguf(gguf, n_ctx=4096)

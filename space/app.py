@@ -7,12 +7,14 @@ The same file is the Space's app_file (space/app.py there too: the Space's tree 
 thin: every decision (templating, trimming, locking, validation, sampling bounds) is made by the space package's
 pure modules (space.engine.Engine and its neighbours), which the tests drive without a browser.
 API: `/chat` (one streamed turn), `/compare` (the same message to two models), `/vote` (after a compare),
+`/stop_chat` and `/stop_compare` (the Stop buttons: end the session's answers at their next token),
 `/leaderboard` (the arena ratings of the votes so far, space.leaderboard and compare.ratings).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import sys
@@ -28,12 +30,16 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
+from common.machine import limit_malloc_arenas  # noqa: E402
 from compare.ratings import PAIR_HEADERS, RATING_HEADERS, pair_rows, rating_rows, summary  # noqa: E402
 from space.catalog import catalog_from_paths, catalog_from_servers, load_catalog  # noqa: E402
 from space.engine import COMPARE_MODES, DEFAULT_N_CTX, Engine  # noqa: E402
+from space.history import prompt_text  # noqa: E402
 from space.leaderboard import VoteSources, fair_pair, load_report, report_caption, report_headlines  # noqa: E402
 from space.replies import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,  # noqa: E402
-                           MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Sampling, UserError, throttled)
+                           MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE, Sampling, UserError, _one_line,
+                           throttled)
+from space.sessions import Stops, flag, rejected, shown_message  # noqa: E402
 from space.votes import VOTES, VoteLog, unique_vote_file, vote_problem  # noqa: E402
 
 STREAM_INTERVAL = 0.1  # seconds between streamed updates (see space.replies.throttled); 0 = one update per token
@@ -80,15 +86,60 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             gr.Slider(*MAX_NEW_TOKENS_RANGE, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens"),
         )
 
-    def chat(message, history, model, system_prompt, temperature, top_p, max_new_tokens):
+    stops = Stops()
+
+    def stop_chat(request: gr.Request):  # gr.Request is injected by its annotation
+        """/stop_chat: ends this session's chat answer at its next token (the Stop button)."""
+        stops.stop(request, "chat")
+
+    def stop_compare(request: gr.Request):
+        """/stop_compare: ends both answers of this session's compare at their next token and frees both models."""
+        stops.stop(request, "compare")
+
+    def answer(message, history, model, system_prompt, temperature, top_p, max_new_tokens, request, endpoint):
+        """The chat's streamed Replies, stoppable by the chat's Stop button; one log line if it is refused."""
         reply = None
-        for reply in throttled(engine.stream_chat(model, message, history, system_prompt,
-                                                  _sampling(temperature, top_p, max_new_tokens)), stream_interval):
+        with stops.running(request, "chat") as cancel:
+            for reply in throttled(engine.stream_chat(model, message, history, system_prompt,
+                                                      _sampling(temperature, top_p, max_new_tokens), cancel=cancel),
+                                   stream_interval):
+                yield reply
+        if reply is not None and reply.error:
+            rejected(endpoint, reply.error)
+
+    def chat(message, history, model, system_prompt, temperature, top_p, max_new_tokens, request: gr.Request):
+        """The Chat tab (gr.ChatInterface keeps the conversation in the browser)."""
+        for reply in answer(message, history, model, system_prompt, temperature, top_p, max_new_tokens, request,
+                            "chat"):
             yield (reply.error or reply.text), reply.stats()
 
-    def compare(message, model_a, model_b, system_prompt, temperature, top_p, max_new_tokens, blind, random_pair):
+    def api_chat(message, history, model, system_prompt, temperature, top_p, max_new_tokens,
+                 request: gr.Request):
+        """/chat: one streamed turn after this API session's conversation so far (`history`, kept here). Its inputs
+        come unprocessed (preprocess=False): the engine checks every value and answers a bad one in one line."""
+        history = history if isinstance(history, list) else []
+        reply = None
+        for reply in answer(message, history, model, system_prompt, temperature, top_p, max_new_tokens, request,
+                            "/chat"):
+            yield (reply.error or reply.text), history, reply.stats()
+        if reply is not None and reply.done and not reply.error and reply.text:
+            turn = [{"role": "user", "content": prompt_text(message, "message")},
+                    {"role": "assistant", "content": reply.text}]
+            yield reply.text, [*history, *turn], reply.stats()
+
+    def compare(message, model_a, model_b, system_prompt, temperature, top_p, max_new_tokens, blind, random_pair,
+                request: gr.Request):
         """Both answers streamed; in blind mode the sides are shuffled and the names hidden until the vote, and with
-        `random_pair` (more than two models) the pair is drawn fairly instead of taken from the dropdowns."""
+        `random_pair` (more than two models) the pair is drawn fairly instead of taken from the dropdowns. Inputs
+        come unprocessed (preprocess=False): the engine checks the message, models and numbers, flag() the boxes."""
+        shown_user = {"role": "user", "content": shown_message(message)}
+        try:
+            blind, random_pair = flag(blind, "Blind"), flag(random_pair, "Random pair")
+        except UserError as error:
+            rejected("/compare", str(error))
+            answer = [shown_user, {"role": "assistant", "content": str(error)}]
+            yield answer, answer, "", "", str(error), {}
+            return
         sides = [model_a, model_b]
         if blind and random_pair and len(labels) > 2:
             sides = fair_pair(labels)
@@ -100,33 +151,45 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                  "finished": False, "errors": [False, False]}
         reveal = "Blind: vote to see which model is which." if blind else f"A = {sides[0]}, B = {sides[1]}"
         writing = "Both answers are being written: vote when they are done."
-        update = None
-        for reply_a, reply_b in throttled(engine.stream_compare(sides[0], sides[1], message, system_prompt,
-                                                                _sampling(temperature, top_p, max_new_tokens),
-                                                                mode=compare_mode), stream_interval):
-            state["answers"] = [reply_a.error or reply_a.text, reply_b.error or reply_b.text]
-            state["errors"] = [reply_a.error is not None, reply_b.error is not None]
-            update = (
-                [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][0]}],
-                [{"role": "user", "content": message}, {"role": "assistant", "content": state["answers"][1]}],
-                f"**{shown[0]}** · {reply_a.stats()}", f"**{shown[1]}** · {reply_b.stats()}",
-                writing, state,
-            )
-            yield update
+        update, errors = None, []
+        with stops.running(request, "compare") as cancel:
+            for reply_a, reply_b in throttled(engine.stream_compare(sides[0], sides[1], message, system_prompt,
+                                                                    _sampling(temperature, top_p, max_new_tokens),
+                                                                    mode=compare_mode, cancel=cancel),
+                                              stream_interval):
+                state["answers"] = [reply_a.error or reply_a.text, reply_b.error or reply_b.text]
+                state["errors"] = [reply_a.error is not None, reply_b.error is not None]
+                errors = [reply.error for reply in (reply_a, reply_b) if reply.error]
+                update = (
+                    [shown_user, {"role": "assistant", "content": state["answers"][0]}],
+                    [shown_user, {"role": "assistant", "content": state["answers"][1]}],
+                    f"**{shown[0]}** · {reply_a.stats()}", f"**{shown[1]}** · {reply_b.stats()}",
+                    writing, state,
+                )
+                yield update
+        if errors:
+            rejected("/compare", "; ".join(dict.fromkeys(errors)))
         if update is not None:
             state = {**state, "finished": True}
             yield (*update[:-2], reveal, state)
 
     def vote(choice, state):
-        if isinstance(state, dict) and state.get("voted"):
-            return f"Already voted: A = {state['models'][0]}, B = {state['models'][1]}."
-        if problem := vote_problem(state if isinstance(state, dict) else None):
+        """A vote on this session's last compare (`state`); `choice` comes unprocessed: checked here."""
+        if not isinstance(choice, str) or choice not in VOTES:
+            problem = f"Unknown vote '{_one_line(choice, 40)}'; choose one of: {', '.join(VOTES)}."
+        elif isinstance(state, dict) and state.get("voted"):
+            problem = f"Already voted: A = {state['models'][0]}, B = {state['models'][1]}."
+        else:
+            problem = vote_problem(state if isinstance(state, dict) else None)
+        if problem is None:
+            try:
+                votes.record(state["models"][0], state["models"][1], choice, state["message"],
+                             state["answers"][0], state["answers"][1], state["blind"])
+            except UserError as e:
+                problem = str(e)
+        if problem is not None:
+            rejected("/vote", problem)
             return problem
-        try:
-            votes.record(state["models"][0], state["models"][1], choice, state["message"],
-                         state["answers"][0], state["answers"][1], state["blind"])
-        except UserError as e:
-            return str(e)
         state["voted"] = True
         return f"Thanks! You voted **{choice}**. A = **{state['models'][0]}**, B = **{state['models'][1]}**."
 
@@ -147,18 +210,25 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             stats = gr.Markdown("", elem_id="chat-stats")
             with gr.Accordion("Settings", open=False):
                 system_prompt, temperature, top_p, max_new_tokens = sampling_controls()
+            chat_input = gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input",
+                                    show_label=False, submit_btn=True, stop_btn=True)
+            chat_settings = [model, system_prompt, temperature, top_p, max_new_tokens]
             gr.ChatInterface(
                 chat,
                 chatbot=gr.Chatbot(elem_id="chat-bot", height=420),
-                textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input",
-                                   show_label=False, submit_btn=True, stop_btn=True),
-                additional_inputs=[model, system_prompt, temperature, top_p, max_new_tokens],
+                textbox=chat_input,
+                additional_inputs=chat_settings,
                 additional_outputs=[stats],
                 examples=[[text] for text in examples],
                 cache_examples=False,  # examples run on click, never at start-up
-                api_name="chat",
+                api_name="chat_tab", api_visibility="private",  # the API's /chat is api_chat below
                 fill_height=False,
             )
+            # Beside the ChatInterface's own Stop (which cancels its event): the engine stops at the next token.
+            chat_input.stop(stop_chat, None, None, queue=False, api_name="stop_chat")
+            api_message, api_answer, api_history = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.State([])
+            gr.Button(visible=False).click(api_chat, [api_message, api_history, *chat_settings],
+                                           [api_answer, api_history, stats], api_name="chat", preprocess=False)
         with gr.Tab("Compare"):
             with gr.Row():
                 model_a = gr.Dropdown(labels, value=labels[0], label="Model A", elem_id="compare-a")
@@ -171,7 +241,9 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                 c_system, c_temperature, c_top_p, c_max_new_tokens = sampling_controls()
             message = gr.Textbox(label="Message", placeholder="Ask both models the same thing",
                                  elem_id="compare-message")
-            send = gr.Button("Compare", variant="primary", elem_id="compare-send")
+            with gr.Row():
+                send = gr.Button("Compare", variant="primary", elem_id="compare-send")
+                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
             with gr.Row():
                 with gr.Column():
                     chat_a = gr.Chatbot(label="A", height=320, elem_id="compare-chat-a")
@@ -187,14 +259,18 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             gr.Markdown(votes.notice(), elem_id="vote-notice")
             inputs = [message, model_a, model_b, c_system, c_temperature, c_top_p, c_max_new_tokens, blind, random_pair]
             outputs = [chat_a, chat_b, stats_a, stats_b, reveal, state]
-            send.click(compare, inputs, outputs, api_name="compare")
-            message.submit(compare, inputs, outputs, api_name=False)
+            # Unprocessed inputs (preprocess=False): compare() and the engine check every value themselves.
+            runs = [send.click(compare, inputs, outputs, api_name="compare", preprocess=False),
+                    message.submit(compare, inputs, outputs, api_name=False, preprocess=False)]
+            # Stop: the engine ends both answers at their next token and frees both models (the cancel event);
+            # Gradio cancels the event, which stops the updates.
+            stop.click(stop_compare, None, None, cancels=runs, queue=False, api_name="stop_compare")
             for button, choice in zip(vote_buttons, VOTES):
                 # Each button votes its own choice; the API takes the choice as an argument.
-                button.click(lambda s, c=choice: vote(c, s), [state], [reveal], api_name=False)
+                button.click(lambda s, c=choice: vote(c, s), [state], [reveal], api_name=False, preprocess=False)
             api_choice = gr.Textbox(visible=False)
             api_vote = gr.Button(visible=False)
-            api_vote.click(vote, [api_choice, state], [reveal], api_name="vote")
+            api_vote.click(vote, [api_choice, state], [reveal], api_name="vote", preprocess=False)
         with gr.Tab("Leaderboard", elem_id="leaderboard-tab") as leaderboard_tab:
             gr.Markdown(ARENA)
             board_summary = gr.Markdown("", elem_id="leaderboard-summary")
@@ -238,6 +314,9 @@ def parse_args(argv=None):
     parser.add_argument("--cache-mb", type=int, default=int(os.environ.get("SPACE_CACHE_MB", 512)),
                         help="RAM per model for saved conversation states (least recently used evicted first; 0 "
                              "turns it off): 2 models x 512 MiB fit a free 16 GB Space beside a 1B and a 3B")
+    parser.add_argument("--max-sessions", type=int, default=int(os.environ.get("SPACE_MAX_SESSIONS", 1000)),
+                        help="visitors' sessions kept in memory (Gradio keeps ~0.2 MiB of state per session; the "
+                             "least recently active is dropped first, losing only its unsent chat state)")
     parser.add_argument("--memory-log-interval", type=float,
                         default=float(os.environ.get("SPACE_MEMORY_LOG_INTERVAL", 600)),
                         help="seconds between memory lines in the log (RSS, caches); 0 = none")
@@ -256,6 +335,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # One line per event in the Space's log: our loggers at INFO (rejected requests), the libraries' at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("space").setLevel(logging.INFO)
+    limit_malloc_arenas(2)  # before Gradio's threads: without it RSS creeps up with every request (common.machine)
     try:
         catalog = (catalog_from_paths(args.model) if args.model else []) + catalog_from_servers(args.server)
         catalog = catalog or load_catalog()
@@ -274,7 +357,8 @@ def main(argv=None) -> None:
     app.queue(default_concurrency_limit=4)
     if args.memory_log_interval > 0:
         threading.Thread(target=_log_memory, args=(engine, args.memory_log_interval), daemon=True).start()
-    app.launch(server_name=args.host, server_port=args.port, show_error=True)
+    app.launch(server_name=args.host, server_port=args.port, show_error=True,
+               state_session_capacity=max(1, args.max_sessions))
 
 
 def _log_memory(engine: Engine, interval: float) -> None:
