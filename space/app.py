@@ -151,7 +151,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                  "finished": False, "errors": [False, False]}
         reveal = "Blind: vote to see which model is which." if blind else f"A = {sides[0]}, B = {sides[1]}"
         writing = "Both answers are being written: vote when they are done."
-        update, errors = None, []
+        update, errors, stopped = None, [], False
         with stops.running(request, "compare") as cancel:
             for reply_a, reply_b in throttled(engine.stream_compare(sides[0], sides[1], message, system_prompt,
                                                                     _sampling(temperature, top_p, max_new_tokens),
@@ -160,6 +160,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                 state["answers"] = [reply_a.error or reply_a.text, reply_b.error or reply_b.text]
                 state["errors"] = [reply_a.error is not None, reply_b.error is not None]
                 errors = [reply.error for reply in (reply_a, reply_b) if reply.error]
+                stopped = "cancelled" in (reply_a.finish_reason, reply_b.finish_reason)
                 update = (
                     [shown_user, {"role": "assistant", "content": state["answers"][0]}],
                     [shown_user, {"role": "assistant", "content": state["answers"][1]}],
@@ -169,9 +170,9 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                 yield update
         if errors:
             rejected("/compare", "; ".join(dict.fromkeys(errors)))
-        if update is not None:
-            state = {**state, "finished": True}
-            yield (*update[:-2], reveal, state)
+        if update is not None:  # a stopped compare has cut answers: it ends, but it cannot be voted on
+            state = {**state, "finished": not stopped, "stopped": stopped}
+            yield (*update[:-2], "Stopped: compare again to vote." if stopped else reveal, state)
 
     def vote(choice, state):
         """A vote on this session's last compare (`state`); `choice` comes unprocessed: checked here."""
@@ -315,8 +316,9 @@ def parse_args(argv=None):
                         help="RAM per model for saved conversation states (least recently used evicted first; 0 "
                              "turns it off): 2 models x 512 MiB fit a free 16 GB Space beside a 1B and a 3B")
     parser.add_argument("--max-sessions", type=int, default=int(os.environ.get("SPACE_MAX_SESSIONS", 1000)),
-                        help="visitors' sessions kept in memory (Gradio keeps ~0.2 MiB of state per session; the "
-                             "least recently active is dropped first, losing only its unsent chat state)")
+                        help="visitors' sessions kept in memory (Gradio keeps ~0.2 MiB of state per session); the "
+                             "least recently active is dropped first, and with it its API conversation and its "
+                             "compare not yet voted on")
     parser.add_argument("--memory-log-interval", type=float,
                         default=float(os.environ.get("SPACE_MEMORY_LOG_INTERVAL", 600)),
                         help="seconds between memory lines in the log (RSS, caches); 0 = none")

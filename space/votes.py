@@ -24,8 +24,8 @@ def vote_problem(state: dict | None) -> str | None:
     """Why the Compare tab's `state` cannot be voted on, in one line; None when it can.
 
     A vote means something only for a finished compare of two different models whose both answers are real
-    answers: not a compare still streaming, not one where either side is an error message or empty, not a model
-    against itself (those would skew the leaderboard and store error texts as answers).
+    answers: not a compare still streaming or stopped (cut answers), not one where either side is an error message
+    or empty, not a model against itself (those would skew the leaderboard and store error texts as answers).
 
     >>> vote_problem({"models": ["1B", "3B"], "answers": ["Hi", "Hello"], "finished": True, "errors": [False, False]})
     >>> vote_problem({"models": ["1B", "1B"], "answers": ["Hi", "Hello"], "finished": True, "errors": [False, False]})
@@ -36,6 +36,8 @@ def vote_problem(state: dict | None) -> str | None:
     model_a, model_b = state["models"]
     if model_a == model_b:
         return f"Both sides were {model_a}: a vote needs two different models; pick another Model B and compare again."
+    if state.get("stopped"):
+        return "The answers were stopped before their end: compare again to vote."
     if not state.get("finished"):
         return "The answers are still being written: vote when both have finished."
     for side, answer, error in zip("AB", state.get("answers", ("", "")), state.get("errors", (True, True))):

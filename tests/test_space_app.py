@@ -296,6 +296,7 @@ def test_stop_ends_both_answers_of_a_compare_and_frees_both_models(stoppable):
     assert [reply.finish_reason for reply in recorded[-1]] == ["cancelled", "cancelled"]
     assert all(reply.tokens < 1024 for reply in recorded[-1])
     assert not any(engine.is_busy(label) for label in engine.labels)
+    assert client.predict("A", api_name="/vote") == "The answers were stopped before their end: compare again to vote."
 
 
 def test_a_cancelled_compare_frees_both_models_at_once(stoppable):
