@@ -43,6 +43,7 @@ from space.sessions import Stops, flag, rejected, shown_message  # noqa: E402
 from space.votes import VOTES, VoteLog, unique_vote_file, vote_problem  # noqa: E402
 
 STREAM_INTERVAL = 0.1  # seconds between streamed updates (see space.replies.throttled); 0 = one update per token
+STOPPED = "Stopped: compare again to vote."  # the reveal line of a stopped compare (cut answers get no vote)
 LEADERBOARD_EVERY_S = 60  # the Leaderboard tab refreshes itself this often (and on its button, and when opened)
 EXAMPLES = [
     "Explain what a LoRA adapter is in two sentences.",
@@ -78,12 +79,15 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
     second = labels[1] if len(labels) > 1 else labels[0]
     sources = sources or VoteSources(votes.path, votes.hub_repo_id)
 
-    def sampling_controls():
+    def sampling_controls(tab: str):
         return (
-            gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'"),
-            gr.Slider(*TEMPERATURE_RANGE, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature"),
-            gr.Slider(*TOP_P_RANGE, value=DEFAULT_TOP_P, step=0.05, label="top_p"),
-            gr.Slider(*MAX_NEW_TOKENS_RANGE, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens"),
+            gr.Textbox("", label="System prompt", lines=2, placeholder="Optional, e.g. 'Answer in one sentence.'",
+                       elem_id=f"{tab}-system"),
+            gr.Slider(*TEMPERATURE_RANGE, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature",
+                      elem_id=f"{tab}-temperature"),
+            gr.Slider(*TOP_P_RANGE, value=DEFAULT_TOP_P, step=0.05, label="top_p", elem_id=f"{tab}-top-p"),
+            gr.Slider(*MAX_NEW_TOKENS_RANGE, value=DEFAULT_MAX_NEW_TOKENS, step=16, label="Max new tokens",
+                      elem_id=f"{tab}-max-new-tokens"),
         )
 
     stops = Stops()
@@ -92,9 +96,13 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
         """/stop_chat: ends this session's chat answer at its next token (the Stop button)."""
         stops.stop(request, "chat")
 
-    def stop_compare(request: gr.Request):
-        """/stop_compare: ends both answers of this session's compare at their next token and frees both models."""
-        stops.stop(request, "compare")
+    def stop_compare(state, request: gr.Request):
+        """/stop_compare: ends both answers of this session's compare at their next token and frees both models.
+        The compare is marked stopped at once (its cut answers cannot be voted on): Gradio may cancel the compare
+        event before its last update says so."""
+        if stops.stop(request, "compare") and isinstance(state, dict) and state and not state.get("finished"):
+            return STOPPED, {**state, "stopped": True}
+        return gr.skip(), gr.skip()
 
     def answer(message, history, model, system_prompt, temperature, top_p, max_new_tokens, request, endpoint):
         """The chat's streamed Replies, stoppable by the chat's Stop button; one log line if it is refused."""
@@ -172,7 +180,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             rejected("/compare", "; ".join(dict.fromkeys(errors)))
         if update is not None:  # a stopped compare has cut answers: it ends, but it cannot be voted on
             state = {**state, "finished": not stopped, "stopped": stopped}
-            yield (*update[:-2], "Stopped: compare again to vote." if stopped else reveal, state)
+            yield (*update[:-2], STOPPED if stopped else reveal, state)
 
     def vote(choice, state):
         """A vote on this session's last compare (`state`); `choice` comes unprocessed: checked here."""
@@ -210,7 +218,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
             model = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="chat-model")
             stats = gr.Markdown("", elem_id="chat-stats")
             with gr.Accordion("Settings", open=False):
-                system_prompt, temperature, top_p, max_new_tokens = sampling_controls()
+                system_prompt, temperature, top_p, max_new_tokens = sampling_controls("chat")
             chat_input = gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input",
                                     show_label=False, submit_btn=True, stop_btn=True)
             chat_settings = [model, system_prompt, temperature, top_p, max_new_tokens]
@@ -239,7 +247,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                 random_pair = gr.Checkbox(len(labels) > 2, label="Random pair (blind mode; each pair equally often)",
                                           visible=len(labels) > 2, elem_id="compare-random")
             with gr.Accordion("Settings (the same for both)", open=False):
-                c_system, c_temperature, c_top_p, c_max_new_tokens = sampling_controls()
+                c_system, c_temperature, c_top_p, c_max_new_tokens = sampling_controls("compare")
             message = gr.Textbox(label="Message", placeholder="Ask both models the same thing",
                                  elem_id="compare-message")
             with gr.Row():
@@ -265,7 +273,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                     message.submit(compare, inputs, outputs, api_name=False, preprocess=False)]
             # Stop: the engine ends both answers at their next token and frees both models (the cancel event);
             # Gradio cancels the event, which stops the updates.
-            stop.click(stop_compare, None, None, cancels=runs, queue=False, api_name="stop_compare")
+            stop.click(stop_compare, [state], [reveal, state], cancels=runs, queue=False, api_name="stop_compare")
             for button, choice in zip(vote_buttons, VOTES):
                 # Each button votes its own choice; the API takes the choice as an argument.
                 button.click(lambda s, c=choice: vote(c, s), [state], [reveal], api_name=False, preprocess=False)

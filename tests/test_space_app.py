@@ -291,7 +291,7 @@ def test_stop_ends_both_answers_of_a_compare_and_frees_both_models(stoppable):
     token (finish reason 'cancelled', not the end of an answer) and both models are free when the compare returns."""
     client, engine, recorded = stoppable
     job = _long_compare(client, engine, recorded)
-    client.predict(api_name="/stop_compare")
+    assert client.predict(api_name="/stop_compare") == "Stopped: compare again to vote."
     job.result(timeout=30)
     assert [reply.finish_reason for reply in recorded[-1]] == ["cancelled", "cancelled"]
     assert all(reply.tokens < 1024 for reply in recorded[-1])
@@ -316,6 +316,15 @@ def test_a_cancelled_compare_frees_both_models_at_once(stoppable):
     for label in (a, b):  # and both answer the next user at once, with no waiting notice
         answer, stats = client.predict("Hi", label, "", 0.7, 0.9, 16, api_name="/chat")
         assert answer and "waiting" not in stats and "tok/s" in stats
+
+
+def test_stop_after_a_compare_has_finished_changes_nothing(stoppable):
+    """A Stop that comes after the answers have ended (a late click) leaves the compare finished: its vote counts."""
+    client, engine, _ = stoppable
+    a, b = engine.labels
+    client.predict("Hi", a, b, "", 0.7, 0.9, 16, False, False, api_name="/compare")
+    client.predict(api_name="/stop_compare")
+    assert client.predict("tie", api_name="/vote").startswith("Thanks!")
 
 
 def test_max_sessions_bounds_the_sessions_gradio_keeps(tiny_gguf, tmp_path, monkeypatch):

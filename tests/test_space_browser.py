@@ -1,6 +1,7 @@
 """The Space in a real browser: Debian's Chromium, driven by Playwright, against the real server and model.
 
-Types a message and watches the answer stream, switches model, compares two models blind and votes.
+Types a message and watches the answer stream, switches model, compares two models blind and votes, reads the
+Leaderboard, and stops a long compare.
 Screenshots land in test-artifacts/ (ignored by git) for a human to look at.
 """
 
@@ -117,3 +118,35 @@ def test_the_leaderboard_tab_counts_the_blind_votes(page, server):
                            timeout=30_000)
     assert len(votes.read_text().splitlines()) == before + 1
     open_leaderboard_and_wait_for(page, votes)  # the new vote is counted when the tab opens again
+
+
+def test_stop_in_compare_ends_both_answers_and_refuses_their_vote(page, server):
+    """The Compare tab's Stop button, clicked while both models write long answers: both end well before their
+    token budget, the tab says the compare was stopped, and a vote on the cut answers is refused (none recorded).
+    Last in this file: it leaves the Compare settings at a long, hot answer."""
+    votes = server[1]
+    before = len(votes.read_text().splitlines()) if votes.exists() else 0
+    budget = 960  # max new tokens: the most that fits the server's 1,024-token context beside this prompt
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_text("Settings (the same for both)").click()
+    for slider, value in (("compare-temperature", "2"), ("compare-top-p", "1"), ("compare-max-new-tokens", budget)):
+        number = page.locator(f"#{slider} input[type=number]")
+        number.fill(str(value))
+        number.press("Enter")
+    page.locator("#compare-message textarea").fill("Write a very long story about a lighthouse.")
+    page.locator("#compare-send").click()
+    for side in ("a", "b"):  # both models are writing
+        page.wait_for_function(
+            f"() => (document.querySelector('#compare-stats-{side}')?.innerText || '').includes('token')",
+            timeout=90_000)
+    page.locator("#compare-stop").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#compare-reveal')?.innerText || '').includes('Stopped')", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "compare-stopped.png"), full_page=True)
+    for side in ("a", "b"):
+        tokens = re.search(r"(\d+) tokens?", page.locator(f"#compare-stats-{side}").inner_text())
+        assert tokens and int(tokens.group(1)) < budget, page.locator(f"#compare-stats-{side}").inner_text()
+    page.locator("#vote-tie").click()
+    page.wait_for_function("() => (document.querySelector('#compare-reveal')?.innerText || '').includes("
+                           "'stopped before their end')", timeout=30_000)
+    assert (len(votes.read_text().splitlines()) if votes.exists() else 0) == before
