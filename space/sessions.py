@@ -59,7 +59,20 @@ def shown_message(message) -> str:
 class Stops:
     """A cancel event per request in flight, by (session, tab): the Stop button sets it, so the engine stops at
     its next token and frees the model (both models of a compare) at once, instead of when Gradio gets to close
-    the abandoned generator. A session's newer request replaces its older one's event."""
+    the abandoned generator. A session's newer request replaces its older one's event. A request without a session
+    (a raw client that sends none) gets an event no Stop can reach: it stops by closing its connection.
+
+    >>> from types import SimpleNamespace
+    >>> stops, nobody = Stops(), None
+    >>> mine, other = SimpleNamespace(session_hash="s1"), SimpleNamespace(session_hash="s2")
+    >>> with stops.running(mine, "compare") as cancel, stops.running(nobody, "compare") as unreachable:
+    ...     stops.stop(other, "compare"), stops.stop(nobody, "compare"), cancel.is_set()
+    ...     stops.stop(mine, "compare"), cancel.is_set(), unreachable.is_set()
+    (False, False, False)
+    (True, True, False)
+    >>> stops.stop(mine, "compare"), len(stops)
+    (False, 0)
+    """
 
     def __init__(self):
         self._events: dict[tuple[str | None, str], threading.Event] = {}
@@ -72,6 +85,9 @@ class Stops:
     @contextmanager
     def running(self, request, tab: str):
         key, event = self._key(request, tab), threading.Event()
+        if key[0] is None:
+            yield event
+            return
         with self._lock:
             self._events[key] = event
         try:
