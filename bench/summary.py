@@ -11,7 +11,7 @@ import statistics
 
 TARGETS = dict(space_share=0.97, bandwidth_share_1b=0.85, llama_vs_fp32=9.0, ttft_ratio=1.3,
                export_3b_rss_gb=2.5, export_3b_minutes=4.0, startup_fresh_s=60, startup_fresh_rss_gb=2.0,
-               startup_resume_s=20)
+               startup_resume_s=20, waves_rss_growth=0.05)
 
 
 def summary(results: dict) -> dict:
@@ -96,6 +96,13 @@ def summary(results: dict) -> dict:
         from bench.concurrency import medians
 
         out["concurrency"] = medians(sections["concurrency"])
+    if sections.get("waves"):
+        from bench.waves import growth
+
+        wave = sections["waves"]
+        out["waves"] = {"rss_growth": growth(wave), "waves": len(wave["rows"]) - 2,
+                        "conversations": wave["conversations"], "rss": [row["rss"] for row in wave["rows"][1:]],
+                        "errors": sum(row["errors"] for row in wave["rows"]), "tracebacks": wave["tracebacks"]}
     return out
 
 
@@ -149,6 +156,14 @@ def target_rows(s: dict) -> list[tuple[str, str, str, str]]:
                      verdict(fresh["ready_peak_rss"] <= TARGETS["startup_fresh_rss_gb"] * 1e9), ""))
         rows.append(("training start-up ≤ 20 s, resumed after SIGKILL", f"{resume['ready_s']:.1f} s",
                      verdict(resume["ready_s"] <= TARGETS["startup_resume_s"]), ""))
+    wave = s.get("waves")
+    if wave:
+        rss = wave["rss"]
+        rows.append((f"Space RSS growth ≤ 5% over {wave['waves']} waves of {wave['conversations']} conversations "
+                     "after a warm-up (two 1B entries, bounds full)",
+                     f"{wave['rss_growth']:+.1%} ({rss[0] / 2**30:.2f} → {rss[-1] / 2**30:.2f} GiB; "
+                     f"{wave['errors']} errors, {wave['tracebacks']} tracebacks)",
+                     verdict(wave["rss_growth"] <= TARGETS["waves_rss_growth"]), ""))
     return rows
 
 

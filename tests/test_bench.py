@@ -166,6 +166,26 @@ def test_startup_section_renders_against_its_targets():
     assert "| fresh | **30.0 s** |" in text and "| resume | **12.0 s** |" in text and "1.50 GB" in text
 
 
+def test_waves_section_renders_against_its_target():
+    from bench import waves
+
+    mib = 2**20
+    rows = [{"wave": wave, "seconds": 500.0, "errors": 0, "rss": rss * mib, "anon": (rss - 1500) * mib,
+             "memory_line": "memory: RSS 1 MiB; saved prompt states (at most 128 MiB per model): A 126 MiB in 36"}
+            for wave, rss in (("start", 189), ("warm-up", 3400), ("1", 3450), ("2", 3480), ("3", 3500))]
+    section = {"measured": "2026-12-03 09:54", "cpu": "Test CPU", "cores": 2, "models": ["1b-Q4_K_M.gguf"] * 2,
+               "gguf_bytes": [808_000_000] * 2, "conversations": 100, "parallel": 20, "new_tokens": 64,
+               "cache_mb": 128, "max_sessions": 100, "rows": rows, "tracebacks": 0}
+    s = summary.summary({"sections": {"waves": section}})
+    (target, measured, ok, _), = summary.target_rows(s)
+    assert ok == "**met**" and measured.startswith("+2.9% (3.32 → 3.42 GiB; 0 errors, 0 tracebacks)"), measured
+    text = "\n".join(waves.render(section))
+    assert "| warm-up | 500 s | 0 | 3,400 MiB | 1,900 MiB | A 126 MiB in 36 |" in text and "within the 5%" in text
+    rows[-1]["rss"] = 3600 * mib  # +5.9%: over
+    s = summary.summary({"sections": {"waves": section}})
+    assert summary.target_rows(s)[0][2] == "**missed**" and "**over**" in "\n".join(waves.render(section))
+
+
 def test_concurrency_section_renders_and_says_when_to_switch(tmp_path):
     from bench import concurrency
 
