@@ -302,6 +302,29 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
     return app
 
 
+def _setting(kind, least, variable: str):
+    """argparse's type for a number the owner sets by flag or environment variable (string defaults go through it
+    too): a bad value stops the start-up with one line naming the value, the variable and what fits.
+
+    >>> _setting(int, 1, "SPACE_MAX_SESSIONS")("200")
+    200
+    >>> _setting(int, 1, "SPACE_MAX_SESSIONS")("1G")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: '1G' is not a whole number >= 1 (the flag, or SPACE_MAX_SESSIONS in the environment)
+    """
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value in (float("inf"), float("-inf")) or value < least:
+            kind_name = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{_one_line(repr(text), 40)} is not a {kind_name} >= {least} (the flag, "
+                                             f"or {variable} in the environment)")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
@@ -310,8 +333,10 @@ def parse_args(argv=None):
                         help="an OpenAI-compatible server to serve beside the --model files (repeatable), e.g. "
                              "1B=http://10.0.0.5:8080/v1#llama-1b; its key, if it needs one, in OPENAI_API_KEY")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--n-ctx", type=int, default=int(os.environ.get("SPACE_N_CTX", DEFAULT_N_CTX)))
+    parser.add_argument("--port", type=_setting(int, 0, "GRADIO_SERVER_PORT"),
+                        default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    parser.add_argument("--n-ctx", type=_setting(int, 256, "SPACE_N_CTX"),
+                        default=os.environ.get("SPACE_N_CTX", str(DEFAULT_N_CTX)))
     parser.add_argument("--votes", default=os.environ.get("SPACE_VOTES_PATH", "votes/votes.jsonl"),
                         help="where blind votes are appended (JSON lines)")
     parser.add_argument("--votes-repo", default=os.environ.get("SPACE_VOTES_REPO"),
@@ -320,20 +345,22 @@ def parse_args(argv=None):
     parser.add_argument("--report", default=os.environ.get("SPACE_REPORT") or None, metavar="PATH",
                         help="compare's report (compare.json, or the folder scripts/compare.py --out wrote) whose "
                              "headline figures the Leaderboard shows beside the votes (optional; SPACE_REPORT)")
-    parser.add_argument("--cache-mb", type=int, default=int(os.environ.get("SPACE_CACHE_MB", 512)),
+    parser.add_argument("--cache-mb", type=_setting(int, 0, "SPACE_CACHE_MB"),
+                        default=os.environ.get("SPACE_CACHE_MB", "512"),
                         help="RAM per model for saved conversation states (least recently used evicted first; 0 "
                              "turns it off): 2 models x 512 MiB fit a free 16 GB Space beside a 1B and a 3B")
-    parser.add_argument("--max-sessions", type=int, default=int(os.environ.get("SPACE_MAX_SESSIONS", 1000)),
+    parser.add_argument("--max-sessions", type=_setting(int, 1, "SPACE_MAX_SESSIONS"),
+                        default=os.environ.get("SPACE_MAX_SESSIONS", "1000"),
                         help="visitors' sessions kept in memory (Gradio keeps ~0.2 MiB of state per session); the "
                              "least recently active is dropped first, and with it its API conversation and its "
                              "compare not yet voted on")
-    parser.add_argument("--memory-log-interval", type=float,
-                        default=float(os.environ.get("SPACE_MEMORY_LOG_INTERVAL", 600)),
+    parser.add_argument("--memory-log-interval", type=_setting(float, 0, "SPACE_MEMORY_LOG_INTERVAL"),
+                        default=os.environ.get("SPACE_MEMORY_LOG_INTERVAL", "600"),
                         help="seconds between memory lines in the log (RSS, caches); 0 = none")
     parser.add_argument("--compare-mode", default=os.environ.get("SPACE_COMPARE_MODE", "interleaved"),
                         choices=COMPARE_MODES)
-    parser.add_argument("--stream-interval", type=float,
-                        default=float(os.environ.get("SPACE_STREAM_INTERVAL", STREAM_INTERVAL)),
+    parser.add_argument("--stream-interval", type=_setting(float, 0, "SPACE_STREAM_INTERVAL"),
+                        default=os.environ.get("SPACE_STREAM_INTERVAL", str(STREAM_INTERVAL)),
                         help="seconds between streamed updates (0 = every token; each update costs the CPU that "
                              "generation uses)")
     parser.add_argument("--example", action="append", metavar="TEXT",
@@ -354,7 +381,7 @@ def main(argv=None) -> None:
         catalog = catalog or load_catalog()
         print(extra_buffers().describe(), flush=True)  # which llama.cpp path every model here takes, and why
         report = load_report(args.report) if args.report else None
-        engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=max(0, args.cache_mb) * 2**20)
+        engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=args.cache_mb * 2**20)
     except (UserError, LlamaSetupError) as e:
         sys.exit(f"error: {e}")
     votes_path = Path(args.votes)
@@ -368,7 +395,7 @@ def main(argv=None) -> None:
     if args.memory_log_interval > 0:
         threading.Thread(target=_log_memory, args=(engine, args.memory_log_interval), daemon=True).start()
     app.launch(server_name=args.host, server_port=args.port, show_error=True,
-               state_session_capacity=max(1, args.max_sessions))
+               state_session_capacity=args.max_sessions)
 
 
 def _log_memory(engine: Engine, interval: float) -> None:

@@ -327,6 +327,23 @@ def test_stop_after_a_compare_has_finished_changes_nothing(stoppable):
     assert client.predict("tie", api_name="/vote").startswith("Thanks!")
 
 
+@pytest.mark.parametrize("variable, value", [("SPACE_MAX_SESSIONS", "1G"), ("SPACE_MAX_SESSIONS", "0"),
+                                             ("SPACE_CACHE_MB", "-1"), ("SPACE_MEMORY_LOG_INTERVAL", "nan"),
+                                             ("SPACE_STREAM_INTERVAL", "inf"), ("SPACE_N_CTX", "4k")])
+def test_an_owners_bad_setting_stops_the_start_in_one_line(variable, value, monkeypatch, capsys):
+    """A Space owner's setting (variable or flag) that is not a number in range: one line naming it, exit 2."""
+    from space.app import parse_args
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"'{value}' is not a" in error and variable in error, error
+    monkeypatch.setenv(variable, "2048")  # a good value is taken
+    assert getattr(parse_args([]), variable.removeprefix("SPACE_").lower()) == 2048
+
+
 def test_max_sessions_bounds_the_sessions_gradio_keeps(tiny_gguf, tmp_path, monkeypatch):
     """--max-sessions reaches Gradio's launch (recorded there), and Gradio then keeps at most that many sessions
     (five real clients through a real server; each Client is a session)."""
