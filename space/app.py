@@ -96,11 +96,12 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
         """/stop_chat: ends this session's chat answer at its next token (the Stop button)."""
         stops.stop(request, "chat")
 
-    def stop_compare(state, request: gr.Request):
+    def stop_compare(request: gr.Request):
         """/stop_compare: ends both answers of this session's compare at their next token and frees both models.
-        The compare is marked stopped at once (its cut answers cannot be voted on): Gradio may cancel the compare
-        event before its last update says so."""
-        if stops.stop(request, "compare") and isinstance(state, dict) and state and not state.get("finished"):
+        The compare it stopped is marked stopped at once (its cut answers cannot be voted on): Gradio may cancel
+        the compare event before its last update says so."""
+        state = stops.stop(request, "compare")
+        if isinstance(state, dict) and not state.get("finished"):
             return STOPPED, {**state, "stopped": True}
         return gr.skip(), gr.skip()
 
@@ -160,7 +161,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
         reveal = "Blind: vote to see which model is which." if blind else f"A = {sides[0]}, B = {sides[1]}"
         writing = "Both answers are being written: vote when they are done."
         update, errors, stopped = None, [], False
-        with stops.running(request, "compare") as cancel:
+        with stops.running(request, "compare", state) as cancel:
             for reply_a, reply_b in throttled(engine.stream_compare(sides[0], sides[1], message, system_prompt,
                                                                     _sampling(temperature, top_p, max_new_tokens),
                                                                     mode=compare_mode, cancel=cancel),
@@ -273,7 +274,7 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
                     message.submit(compare, inputs, outputs, api_name=False, preprocess=False)]
             # Stop: the engine ends both answers at their next token and frees both models (the cancel event);
             # Gradio cancels the event, which stops the updates.
-            stop.click(stop_compare, [state], [reveal, state], cancels=runs, queue=False, api_name="stop_compare")
+            stop.click(stop_compare, None, [reveal, state], cancels=runs, queue=False, api_name="stop_compare")
             for button, choice in zip(vote_buttons, VOTES):
                 # Each button votes its own choice; the API takes the choice as an argument.
                 button.click(lambda s, c=choice: vote(c, s), [state], [reveal], api_name=False, preprocess=False)

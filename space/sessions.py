@@ -62,20 +62,24 @@ class Stops:
     the abandoned generator. A session's newer request replaces its older one's event. A request without a session
     (a raw client that sends none) gets an event no Stop can reach: it stops by closing its connection.
 
+    A request may leave what it is working on (`work`, e.g. the compare's state): stop() hands it to the Stop
+    handler, which then acts on the request it stopped, not on what Gradio's State held when Stop was clicked
+    (the previous compare's, until the new one's first update lands).
+
     >>> from types import SimpleNamespace
     >>> stops, nobody = Stops(), None
     >>> mine, other = SimpleNamespace(session_hash="s1"), SimpleNamespace(session_hash="s2")
-    >>> with stops.running(mine, "compare") as cancel, stops.running(nobody, "compare") as unreachable:
+    >>> with stops.running(mine, "compare", {"n": 2}) as cancel, stops.running(nobody, "compare") as unreachable:
     ...     stops.stop(other, "compare"), stops.stop(nobody, "compare"), cancel.is_set()
     ...     stops.stop(mine, "compare"), cancel.is_set(), unreachable.is_set()
-    (False, False, False)
-    (True, True, False)
+    (None, None, False)
+    ({'n': 2}, True, False)
     >>> stops.stop(mine, "compare"), len(stops)
-    (False, 0)
+    (None, 0)
     """
 
     def __init__(self):
-        self._events: dict[tuple[str | None, str], threading.Event] = {}
+        self._running: dict[tuple[str, str], tuple[threading.Event, object]] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -83,27 +87,28 @@ class Stops:
         return getattr(request, "session_hash", None), tab
 
     @contextmanager
-    def running(self, request, tab: str):
+    def running(self, request, tab: str, work: object = True):
+        """The request's cancel event while it runs; `work` is what stop() hands to the Stop handler."""
         key, event = self._key(request, tab), threading.Event()
         if key[0] is None:
             yield event
             return
         with self._lock:
-            self._events[key] = event
+            self._running[key] = event, work
         try:
             yield event
         finally:
             with self._lock:
-                if self._events.get(key) is event:
-                    del self._events[key]
+                if self._running.get(key, (None,))[0] is event:
+                    del self._running[key]
 
-    def stop(self, request, tab: str) -> bool:
-        """Set the session's cancel event for `tab`; whether a request was running."""
+    def stop(self, request, tab: str):
+        """Set the cancel event of the session's request in `tab`; that request's `work`, or None if none ran."""
         with self._lock:
-            event = self._events.get(self._key(request, tab))
+            event, work = self._running.get(self._key(request, tab), (None, None))
         if event is not None:
             event.set()
-        return event is not None
+        return work
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._running)

@@ -135,9 +135,13 @@ def test_stop_in_compare_ends_both_answers_and_refuses_their_vote(page, server):
         number.press("Enter")
     page.locator("#compare-message textarea").fill("Write a very long story about a lighthouse.")
     page.locator("#compare-send").click()
-    for side in ("a", "b"):  # both models are writing
+    # This compare's first update (the stats still show the last compare's figures until it lands), then both
+    # models writing.
+    page.wait_for_function(
+        "() => (document.querySelector('#compare-reveal')?.innerText || '').includes('being written')", timeout=90_000)
+    for side in ("a", "b"):
         page.wait_for_function(
-            f"() => (document.querySelector('#compare-stats-{side}')?.innerText || '').includes('token')",
+            f"() => (document.querySelector('#compare-stats-{side}')?.innerText || '').includes('TTFT')",
             timeout=90_000)
     page.locator("#compare-stop").click()
     page.wait_for_function(
@@ -147,6 +151,8 @@ def test_stop_in_compare_ends_both_answers_and_refuses_their_vote(page, server):
         tokens = re.search(r"(\d+) tokens?", page.locator(f"#compare-stats-{side}").inner_text())
         assert tokens and int(tokens.group(1)) < budget, page.locator(f"#compare-stats-{side}").inner_text()
     page.locator("#vote-tie").click()
-    page.wait_for_function("() => (document.querySelector('#compare-reveal')?.innerText || '').includes("
-                           "'stopped before their end')", timeout=30_000)
+    page.wait_for_function("() => !(document.querySelector('#compare-reveal')?.innerText || '').startsWith("
+                           "'Stopped')", timeout=30_000)
+    reveal = page.locator("#compare-reveal").inner_text()
+    assert "stopped before their end" in reveal, reveal
     assert (len(votes.read_text().splitlines()) if votes.exists() else 0) == before
