@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import sys
@@ -318,7 +319,7 @@ def _setting(kind, least, variable: str):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value != value or value in (float("inf"), float("-inf")) or value < least:
+        if value is None or not math.isfinite(value) or value < least:
             kind_name = "whole number" if kind is int else "number"
             raise argparse.ArgumentTypeError(f"{_one_line(repr(text), 40)} is not a {kind_name} >= {least} (the flag, "
                                              f"or {variable} in the environment)")
