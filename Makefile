@@ -1,17 +1,21 @@
 # The two commands of the README. Each creates/updates the virtualenv at .venv and installs what it needs.
 #   make test   run the test suite (offline, CPU)
 #   make demo   run the pipeline offline on the tiny model
+# Keeping the locks (requirements-*.lock) fresh:
+#   make lock            regenerate the locks whose requirements file changed (UPGRADE=1: newest versions allowed)
+#   make upgrade-check   newest allowed versions in a scratch virtualenv + the fast tests; the locks stay as they are
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv lock upgrade-check clean
 
-# Reinstall only when a requirements file changed since the last install.
-$(STAMP): requirements-dev.txt
+# Reinstall only when the lock changed since the last install. The venv gets exactly the lock: every package at its
+# locked version, every file's hash checked, anything the lock does not list removed.
+$(STAMP): requirements-dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) scripts/lock.py --sync dev
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,6 +33,12 @@ test: $(STAMP) $(CHROMIUM)
 # Train (with a SIGKILL and a resume), export, chat, then serve the Space; DEMO_NO_LAUNCH=1 skips serving.
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+lock: $(STAMP)
+	$(PY) scripts/lock.py $(if $(UPGRADE),--upgrade)
+
+upgrade-check: $(STAMP)
+	$(PY) scripts/lock.py --upgrade-check
 
 clean:
 	rm -rf $(VENV) outputs

@@ -4,8 +4,8 @@ The logic of scripts/deploy_space.py, its entry point (more commands in its docs
     python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b USER/X-GGUF --dry-run out/space
 
 The Space's tree mirrors the repo's: the package space/ (its app.py is the Space's app_file, space/app.py; this
-file and the card template stay behind), the base package common/ beside it, requirements-space.txt as
-requirements.txt (it asks for a portable llama.cpp build), and README.md, the Space card: YAML front matter from
+file and the card template stay behind), the base package common/ beside it, requirements-space.lock as
+requirements.txt (every package of the Space's tree pinned; it asks for a portable llama.cpp build), and README.md, the Space card: YAML front matter from
 this module and the body from space/README_space.md, and the modules of compare/ the Leaderboard imports. They go
 up in one commit. The model catalog reaches the app as the Space variable SPACE_MODELS (--base-models adds the
 untuned Llama-3.2 1B and 3B Instruct GGUFs); --votes-repo also sets SPACE_VOTES_REPO, --report ships compare's report
@@ -33,6 +33,7 @@ from huggingface_hub import CommitOperationAdd
 
 from common.cli import UsageError, UsageParser, report_problem
 from common.files import output_folder_problem, remove_stale_temporaries, swap_in_folder, temporary_path
+from common.locks import staleness
 from export.errors import ExportError
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id
 from space.catalog import catalog_from_servers
@@ -46,7 +47,8 @@ SPACE_DIR = REPO / "space"
 BASE_DIR = REPO / "common"  # the base package the app imports; the Space gets it beside space/
 COMPARE_DIR = REPO / "compare"
 COMPARE_MODULES = ("__init__.py", "ratings.py", "report.py")  # what the app imports of compare/ (the Leaderboard)
-REQUIREMENTS = REPO / "requirements-space.txt"
+REQUIREMENTS = REPO / "requirements-space.txt"  # what the app needs, edited by hand
+LOCK = REPO / "requirements-space.lock"  # its whole tree pinned (`make lock`): the Space's requirements.txt
 
 HARDWARE = "cpu-basic"  # the free CPU tier: 2 vCPUs, 16 GB RAM
 LABELS = {"1b": "Llama-3.2-1B FineTome (q4_k_m)", "3b": "Llama-3.2-3B FineTome (q4_k_m)"}
@@ -297,7 +299,7 @@ class SpaceTree:
 
 
 def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree:
-    """Everything the Space gets, from space/, common/, compare/'s COMPARE_MODULES, requirements-space.txt, the card
+    """Everything the Space gets, from space/, common/, compare/'s COMPARE_MODULES, requirements-space.lock, the card
     template and --report's file, at the paths the repo has them (requirements.txt and README.md generated at the root,
     the report at REPORT_IN_SPACE). Local files only."""
     space_dir = SPACE_DIR if space_dir is None else space_dir
@@ -305,14 +307,18 @@ def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree
     if not (space_dir / APP_NAME).is_file():
         problems.append(f"{space_dir / APP_NAME} not found: the Space runs {APP_NAME} (its app_file) from the root "
                         f"of {space_dir.name}/; deploy from a checkout that has it")
-    for path in (REQUIREMENTS, TEMPLATE):
+    for path in (REQUIREMENTS, LOCK, TEMPLATE):
         if not path.is_file():
             problems.append(f"{path} not found: deploy from a full checkout of the project")
     if problems:
         raise UsageError(problems)
-    requirements = REQUIREMENTS.read_bytes()
-    pins = requirement_pins(requirements.decode("utf-8"))
+    pins = requirement_pins(REQUIREMENTS.read_text(encoding="utf-8"))
     gradio_version = sdk_version(pins, installed_version("gradio"))
+    # The lock's versions are what the Space installs: one that no longer matches the pins would ship an old tree.
+    stale = staleness(LOCK, REQUIREMENTS, None)
+    if stale:
+        raise UsageError(stale)
+    requirements = LOCK.read_bytes()
     card = render_card(config, TEMPLATE.read_text(encoding="utf-8"), gradio_version, pins["llama-cpp-python"])
 
     kept, left_out = space_files(space_dir)

@@ -45,14 +45,15 @@ class RemoteModel:
     def client(self):
         with self._lock:
             if self._client is None:
-                import httpx
-                from openai import OpenAI
+                from openai import OpenAI, Timeout
 
                 # The entry's own variable, else the client's convention (OPENAI_API_KEY), else none.
                 key = os.environ.get(self.spec.api_key_env or "OPENAI_API_KEY", "")
                 # max_retries=0: a retried chat would start the answer again behind the user's back.
+                # openai.Timeout, never httpx.Timeout: the client re-exports the timeout class of the HTTP library it
+                # is built on (httpx2 since openai 3.x), and httpx2 2.17 refuses httpx's class with a TypeError.
                 self._client = OpenAI(base_url=self.spec.base_url, api_key=key or "not-needed", max_retries=0,
-                                      timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+                                      timeout=Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
             return self._client
 
     def describe_error(self, error: Exception) -> str:

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "deploy_space.py"
 REAL_SPACE = REPO / "space"
 REQUIREMENTS_SPACE = REPO / "requirements-space.txt"
+LOCK_SPACE = REPO / "requirements-space.lock"
 
 SECRET = "hf_SECRETdeploy123"
 SPACE_ID = "alice/finetome-chat"
@@ -106,7 +107,7 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
         assert tree[name] == (REPO / name).read_bytes()
     for name, text in FAKE_SPACE_KEPT.items():
         assert tree[f"space/{name}"] == text.encode()  # byte for byte, at the same relative place under space/
-    assert tree["requirements.txt"] == REQUIREMENTS_SPACE.read_bytes()
+    assert tree["requirements.txt"] == LOCK_SPACE.read_bytes()
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in tree)
     # Nothing beside the target: the temporary folder was renamed into place.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "space-src"]
@@ -392,6 +393,18 @@ def test_gradio_pin_must_match_the_installed_gradio(deploy_space, fake_space, tm
     assert capsys.readouterr().err == (f"error: requirements-space.txt pins gradio==5.0.0 but gradio {installed} is "
                                        f"installed here: pin gradio=={installed} (the version tested here) or "
                                        "install gradio==5.0.0\n")
+
+
+def test_a_lock_behind_its_requirements_stops_the_deploy(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
+    """The Space installs the lock, not requirements-space.txt: a pin the lock does not have would ship another tree."""
+    requirements = tmp_path / "requirements-space.txt"
+    installed = importlib.metadata.version("gradio")
+    requirements.write_text(f"gradio=={installed}\nllama-cpp-python==0.3.36\nopenai==9.9.9\n")
+    monkeypatch.setattr(deploy_space, "REQUIREMENTS", requirements)
+    assert dry_run(deploy_space, tmp_path / "out") == 2
+    assert capsys.readouterr().err == ("error: requirements-space.txt pins openai==9.9.9 but requirements-space.lock "
+                                       "has openai==3.57.0: run `make lock` and commit the result\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_token_stops_before_any_work(tmp_path):

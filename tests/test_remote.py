@@ -52,6 +52,23 @@ def test_a_remote_entry_loads_from_the_catalog():
     assert spec.is_remote and spec.model == "llama-1b" and spec.api_key_env == "LLAMA_KEY"
 
 
+def test_the_client_gets_a_timeout_of_its_own_http_library(monkeypatch):
+    """openai 3.x sends requests through httpx2, which refuses httpx's Timeout (TypeError at the first request, as
+    httpx2 2.17 did); the client is given openai.Timeout, the class of whatever library it is built on."""
+    import openai
+
+    from space.remote import CONNECT_TIMEOUT_S, READ_TIMEOUT_S
+
+    monkeypatch.setenv("TINY_KEY", "k")
+    client = remote("http://127.0.0.1:9/v1").client()
+    assert type(client.timeout) is openai.Timeout
+    assert (client.timeout.connect, client.timeout.read) == (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+    assert client.max_retries == 0
+    # The request the client builds carries it as its library's own timeout (what httpx2 2.17 checks).
+    request = client._build_request(openai._models.FinalRequestOptions.construct(method="get", url="/models"))
+    assert request.extensions["timeout"] == openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S).as_dict()
+
+
 @pytest.fixture(scope="module")
 def openai_server(tiny_gguf, tmp_path_factory):
     """llama-cpp-python's OpenAI server on the tiny GGUF, started the way scripts/serve_openai.py starts it, with

@@ -27,10 +27,11 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import EXIT_INTERRUPTED, UsageError, UsageParser, report_problem
+from common.locks import read_pins
 
 # The release of each compiled companion built against each torch release: what keeps their kernels loadable.
 # xformers: unsloth 2026.10.9's own `cu126onlytorch*` extras (the mapping its Colab notebooks use), each checked
@@ -77,7 +78,13 @@ PLAIN_DEPENDENCIES = (
 # The packages that come with Colab's torch and that no step may install or replace.
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio", "triton")
 
+# The torch release Colab ships as of this writing (2.9.0+cu126): requirements-colab.lock is resolved against it
+# (scripts/lock.py), and on a Colab with this torch every package the plan installs comes with the lock's version
+# and hash. Another torch keeps the lock's versions but gets the xformers and torchao built for it, unhashed.
+COLAB_TORCH = "2.9.0"
+
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements-train.txt"
+LOCK = REQUIREMENTS.with_name("requirements-colab.lock")
 
 
 class InstallError(ValueError):
@@ -91,6 +98,7 @@ class Plan:
     steps: list[list[str]]
     why: str
     keeps_torch: bool
+    files: dict[Path, str] = field(default_factory=dict)  # written before the steps run (derived constraints)
 
 
 def canonical_name(name: str) -> str:
@@ -214,6 +222,31 @@ def plan(torch_version: str | None, on_colab: bool, requirements: Path) -> Plan:
                     f"plain dependencies, then {names} (unsloth {unsloth}) with --no-deps, {', '.join(companions)}")
 
 
+def with_lock(plan_: Plan, torch_version: str | None, lock: Path = LOCK) -> Plan:
+    """The plan with every step constrained to the Colab lock's versions (`--constraint`), so that what pip installs
+    does not change when something upstream releases.
+
+    On a Colab whose torch is COLAB_TORCH, the lock itself: every version and every file's hash, checked by pip. With
+    any other torch (another Colab release, or off Colab where pip picks the torch), the lock's versions without its
+    hashes and without xformers and torchao, which must match that torch instead (BUILT_FOR_TORCH), in a file of
+    their own that `files` holds.
+    """
+    if not lock.is_file():
+        raise InstallError(f"{lock} not found: it pins every package the training install adds; restore it from the "
+                           "repository (git checkout -- requirements-colab.lock) or regenerate it with `make lock`")
+    if plan_.keeps_torch and torch_version and torch_release(torch_version) == torch_release(COLAB_TORCH):
+        constraints, files = lock, {}
+        note = f"every version and hash from {lock.name}"
+    else:
+        pins = {name: version for name, version in read_pins(lock.read_text()).items() if name not in BUILT_FOR_TORCH}
+        constraints = Path(tempfile.gettempdir()) / "install-train-constraints.txt"
+        files = {constraints: "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))}
+        note = (f"versions from {lock.name} (made for torch {COLAB_TORCH}: without its hashes, and without its "
+                f"{' and '.join(BUILT_FOR_TORCH)}, which must match this torch)")
+    steps = [[step[0], f"--constraint={constraints}", *step[1:]] for step in plan_.steps]
+    return Plan(steps=steps, why=f"{plan_.why}; {note}", keeps_torch=plan_.keeps_torch, files=files)
+
+
 def would_install(report: dict) -> dict[str, str]:
     """{canonical name: version} of what a `pip install --dry-run --report` JSON report would install.
 
@@ -289,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(["--report-dir goes with --dry-run; add --dry-run, or leave --report-dir out"])
         on_colab = detect_colab() if args.colab is None else args.colab
         torch_before = installed_torch()
-        plan_ = plan(torch_before, on_colab, REQUIREMENTS)
+        plan_ = with_lock(plan(torch_before, on_colab, REQUIREMENTS), torch_before)
+        for path, text in plan_.files.items():
+            path.write_text(text)
     except UsageError as e:
         return e.report()
     except (InstallError, OSError) as e:
