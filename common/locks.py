@@ -51,7 +51,7 @@ def read_pins(text: str) -> dict[str, str]:
 
 
 def requirement_lines(text: str) -> str:
-    """A requirements file without its comments and blank lines: what a lock depends on (a comment does not).
+    r"""A requirements file without its comments and blank lines: what a lock depends on (a comment does not).
 
     >>> requirement_lines("# why\ngradio==6.31.0  # the UI\n\nllama-cpp-python==0.3.36 --config-settings=a=b\n")
     'gradio==6.31.0\nllama-cpp-python==0.3.36 --config-settings=a=b\n'

@@ -71,8 +71,10 @@ class Target:
             return "\n".join([f"torch=={install.COLAB_TORCH}", *lines]) + "\n"
         return ""
 
-    def digest(self) -> str:
-        return inputs_digest(FORMAT, requirement_lines((REPO / self.source).read_text()), self.python, self.platform, str(self.hashes),
+    def digest(self, source_text: str | None = None) -> str:
+        """The digest of everything this lock is resolved from (the source's requirement lines, not its comments)."""
+        source_text = (REPO / self.source).read_text() if source_text is None else source_text
+        return inputs_digest(FORMAT, requirement_lines(source_text), self.python, self.platform, str(self.hashes),
                              self.extra(), ",".join(self.exclude), str(self.cpu_torch))
 
     def excluded(self, name: str) -> bool:

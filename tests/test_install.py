@@ -128,6 +128,46 @@ def test_a_requirements_file_the_plan_cannot_use_is_one_clear_error(tmp_path, te
         plan("2.9.0+cu126", True, path)
 
 
+# --- the lock -------------------------------------------------------------------------------------------------
+
+def lock_pins() -> dict[str, str]:
+    from common.locks import read_pins
+
+    return read_pins(install.LOCK.read_text())
+
+
+def test_on_the_colab_torch_the_plan_installs_exactly_the_lock():
+    torch = f"{install.COLAB_TORCH}+cu126"
+    planned = plan(torch, True, REQUIREMENTS)
+    locked = install.with_lock(planned, torch)
+    assert locked.files == {} and locked.keeps_torch
+    assert locked.steps == [["install", "--no-deps", "--require-hashes", "-r", str(install.LOCK)]]
+    # The lock holds every package the plan names, at the plan's own pins and companions, and nothing of torch's.
+    wanted = {**step_names(planned.steps[0]), **step_names(planned.steps[1])}
+    assert sorted(set(wanted) - set(lock_pins())) == []
+    for name, requirement in wanted.items():
+        assert Requirement(requirement).specifier.contains(lock_pins()[name]), (requirement, lock_pins()[name])
+    assert not [name for name in lock_pins() if is_torch_family(name)]
+    assert all(line.startswith("    --hash=sha256:") or not line.startswith("    --")
+               for line in install.LOCK.read_text().splitlines())
+
+
+@pytest.mark.parametrize(("torch_version", "on_colab"), [("2.10.0+cu128", True), ("2.9.0+cu126", False), (None, False)])
+def test_another_torch_keeps_the_locked_versions_without_hashes_or_companions(torch_version, on_colab):
+    locked = install.with_lock(plan(torch_version, on_colab, REQUIREMENTS), torch_version)
+    (path, text), = locked.files.items()
+    assert all(step[1] == f"--constraint={path}" for step in locked.steps)
+    constraints = dict(line.split("==") for line in text.splitlines())
+    assert constraints == {name: version for name, version in lock_pins().items()
+                           if name not in ("xformers", "torchao")}
+    assert "without its hashes" in locked.why
+
+
+def test_a_missing_lock_is_one_line_with_the_fix(tmp_path):
+    with pytest.raises(InstallError, match="requirements-colab.lock not found: .* `make lock`"):
+        install.with_lock(plan("2.9.0+cu126", True, REQUIREMENTS), "2.9.0+cu126", tmp_path / "requirements-colab.lock")
+
+
 def test_colab_is_detected_from_its_release_tag():
     assert install.detect_colab({"COLAB_RELEASE_TAG": "release-colab_20260101-060000_RC00"})
     assert not install.detect_colab({})  # and google.colab is not importable on this machine
@@ -138,11 +178,16 @@ def test_colab_is_detected_from_its_release_tag():
 def test_print_shows_why_and_the_commands(monkeypatch, capsys):
     monkeypatch.setattr(install, "installed_torch", lambda: "2.9.0+cu126")
     assert install.main(["--print", "--colab"]) == 0
+    why, command = capsys.readouterr().out.splitlines()
+    assert why.startswith("# Colab's torch 2.9.0+cu126 kept") and why.endswith(
+        "exactly requirements-colab.lock (resolved against this torch), every hash checked")
+    assert command == f"python -m pip install --no-deps --require-hashes -r {install.LOCK}"
+    monkeypatch.setattr(install, "installed_torch", lambda: "2.10.0+cu128")
+    assert install.main(["--print", "--colab"]) == 0
     why, plain, no_deps = capsys.readouterr().out.splitlines()
-    assert why.startswith("# Colab's torch 2.9.0+cu126 kept")
-    assert plain.startswith("python -m pip install transformers==")
-    assert no_deps.startswith("python -m pip install --no-deps unsloth==") and no_deps.endswith(
-        "xformers==0.0.33.post1 torchao==0.14.1")
+    assert "versions from requirements-colab.lock (made for torch 2.9.0" in why
+    assert plain.startswith("python -m pip install --constraint=") and " transformers==" in plain
+    assert no_deps.endswith("xformers==0.0.34 torchao==0.16.0") and " --no-deps unsloth==" in no_deps
 
 
 @pytest.mark.parametrize(("argv", "status", "message"), [
@@ -158,7 +203,7 @@ def test_a_mistake_is_one_line_and_an_exit_status(monkeypatch, capsys, argv, sta
 
 
 @pytest.mark.parametrize(("pip_status", "torch_after", "message"), [
-    (1, "2.9.0+cu126", "pip failed at step 1 of 2 (exit 1)"),
+    (1, "2.9.0+cu126", "pip failed at step 1 of 1 (exit 1)"),
     (0, "2.14.1", "torch changed from 2.9.0+cu126 to 2.14.1"),
 ])
 def test_a_failed_step_or_a_replaced_torch_is_one_line(monkeypatch, capsys, pip_status, torch_after, message):
@@ -290,13 +335,16 @@ def test_the_plan_keeps_colabs_torch_and_installs_the_pinned_versions(dry_runs):
     assert run["status"] == 0, run["output"]
     # The script learned torch's version from the fake metadata alone (importing torch there would fail).
     assert "Colab's torch 2.9.0+cu126 kept" in run["output"] and "xformers==0.0.33.post1 matched to it" in run["output"]
-    assert len(run["reports"]) == 2
+    assert len(run["reports"]) == 1
     installed = installs(run)
     assert [name for name in installed if is_torch_family(name)] == [], run["output"]
     for name in ("unsloth", "unsloth-zoo", "transformers", "trl", "peft", "datasets"):
         assert installed[name] == pins()[name], name
     assert {name: installed.get(name) for name in pins()} == pins()
     assert installed["xformers"] == "0.0.33.post1" and installed["torchao"] == "0.14.1"
+    # Everything it adds, transitive packages included, is the lock's version (pip checked the lock's hashes).
+    assert "exactly requirements-colab.lock (resolved against this torch), every hash checked" in run["output"]
+    assert {name: version for name, version in installed.items() if lock_pins().get(name) != version} == {}
 
 
 def test_what_the_plan_installs_fits_together_and_fits_colabs_torch(dry_runs):
@@ -337,5 +385,8 @@ def test_todays_plain_install_would_replace_colabs_torch(dry_runs):
     assert run["status"] == 0, run["output"]
     installed = installs(run)
     assert "torch" in installed and installed["torch"] != "2.9.0+cu126", run["output"]
+    # Even there, what is not torch's own or built for it comes at the lock's version.
+    assert {name: version for name, version in installed.items() if not is_torch_family(name)
+            and name not in ("xformers", "torchao") and lock_pins().get(name) != version} == {}
     assert any(name.startswith(("nvidia-", "cuda-")) for name in installed)
     assert "of torch's: torch==" in run["output"]

@@ -223,28 +223,28 @@ def plan(torch_version: str | None, on_colab: bool, requirements: Path) -> Plan:
 
 
 def with_lock(plan_: Plan, torch_version: str | None, lock: Path = LOCK) -> Plan:
-    """The plan with every step constrained to the Colab lock's versions (`--constraint`), so that what pip installs
-    does not change when something upstream releases.
+    """The plan held to the Colab lock, so that what pip installs does not change when something upstream releases.
 
-    On a Colab whose torch is COLAB_TORCH, the lock itself: every version and every file's hash, checked by pip. With
-    any other torch (another Colab release, or off Colab where pip picks the torch), the lock's versions without its
-    hashes and without xformers and torchao, which must match that torch instead (BUILT_FOR_TORCH), in a file of
-    their own that `files` holds.
+    On a Colab whose torch is COLAB_TORCH, the lock was resolved against that very torch: one step installs exactly
+    its packages with --no-deps and --require-hashes (pip checks every file's hash; the lock has no torch package,
+    so none is touched). With any other torch (another Colab release, or off Colab where pip chooses the torch), the
+    plan's own steps, constrained to the lock's versions, less xformers and torchao, which must match that torch
+    (BUILT_FOR_TORCH), and without hashes (pip before 24 ignores a constraint's hash and then refuses the step): a
+    file of its own, held in `files`.
     """
     if not lock.is_file():
         raise InstallError(f"{lock} not found: it pins every package the training install adds; restore it from the "
                            "repository (git checkout -- requirements-colab.lock) or regenerate it with `make lock`")
     if plan_.keeps_torch and torch_version and torch_release(torch_version) == torch_release(COLAB_TORCH):
-        constraints, files = lock, {}
-        note = f"every version and hash from {lock.name}"
-    else:
-        pins = {name: version for name, version in read_pins(lock.read_text()).items() if name not in BUILT_FOR_TORCH}
-        constraints = Path(tempfile.gettempdir()) / "install-train-constraints.txt"
-        files = {constraints: "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))}
-        note = (f"versions from {lock.name} (made for torch {COLAB_TORCH}: without its hashes, and without its "
-                f"{' and '.join(BUILT_FOR_TORCH)}, which must match this torch)")
+        return Plan(steps=[["install", "--no-deps", "--require-hashes", "-r", str(lock)]], keeps_torch=True,
+                    why=f"{plan_.why}; exactly {lock.name} (resolved against this torch), every hash checked")
+    pins = {name: version for name, version in read_pins(lock.read_text()).items() if name not in BUILT_FOR_TORCH}
+    constraints = Path(tempfile.gettempdir()) / "install-train-constraints.txt"
     steps = [[step[0], f"--constraint={constraints}", *step[1:]] for step in plan_.steps]
-    return Plan(steps=steps, why=f"{plan_.why}; {note}", keeps_torch=plan_.keeps_torch, files=files)
+    return Plan(steps=steps, keeps_torch=plan_.keeps_torch,
+                files={constraints: "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))},
+                why=f"{plan_.why}; versions from {lock.name} (made for torch {COLAB_TORCH}: without its hashes, and "
+                    f"without its {' and '.join(BUILT_FOR_TORCH)}, which must match this torch)")
 
 
 def would_install(report: dict) -> dict[str, str]:
