@@ -168,6 +168,14 @@ def test_a_missing_lock_is_one_line_with_the_fix(tmp_path):
         install.with_lock(plan("2.9.0+cu126", True, REQUIREMENTS), "2.9.0+cu126", tmp_path / "requirements-colab.lock")
 
 
+def test_the_training_install_brings_the_exports_packages_at_the_tested_versions():
+    """export/to_gguf.py runs after training on the same machine; its packages are the ones `make test` exports with."""
+    dev = pins(REPO / "requirements-dev.txt")
+    for name in ("llama-cpp-python", "sentencepiece", "protobuf"):
+        assert pins()[name] == dev[name], name
+    assert lock_pins()["llama-cpp-python"] == dev["llama-cpp-python"]
+
+
 def test_colab_is_detected_from_its_release_tag():
     assert install.detect_colab({"COLAB_RELEASE_TAG": "release-colab_20260101-060000_RC00"})
     assert not install.detect_colab({})  # and google.colab is not importable on this machine
