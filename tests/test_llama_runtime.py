@@ -78,6 +78,15 @@ def test_this_machine_is_decided_from_its_own_llama_cpp(monkeypatch):
 
 
 # ---------------------------------------------------------------------- the real library, on this machine
+def _has_amx_path() -> bool:
+    """Whether the loaded llama.cpp has its AMX path (built on an AMX CPU): decoding a k-quant there with extra buffer
+    types forced on segfaults (llama.cpp issue 20824), the crash the safe path exists to avoid."""
+    return parse_system_info(runtime.system_info())["CPU"].get("AMX_INT8") == "1"
+
+
+AMX_CRASH = "this llama.cpp has its AMX path: decoding with extra buffer types on segfaults here (llama.cpp issue 20824)"
+
+
 @pytest.mark.parametrize("setting, expected", [("off", False), ("on", True)])
 def test_forced_path_decodes_through_the_engine(tiny_gguf, monkeypatch, setting, expected):
     """The safe path is exercised on every machine, not only on Intel: forced, then a real chat through the engine."""
@@ -85,6 +94,8 @@ def test_forced_path_decodes_through_the_engine(tiny_gguf, monkeypatch, setting,
     from space.engine import Engine
     from space.replies import Sampling
 
+    if setting == "on" and _has_amx_path():
+        pytest.skip(AMX_CRASH)
     monkeypatch.setenv(EXTRA_BUFFERS_ENV, setting)
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512)
     label = engine.labels[0]
@@ -95,6 +106,8 @@ def test_forced_path_decodes_through_the_engine(tiny_gguf, monkeypatch, setting,
 
 def test_both_paths_give_the_same_greedy_tokens(tiny_gguf, monkeypatch):
     """Turning the extra buffer types off changes where the weights live, not what the model computes."""
+    if _has_amx_path():
+        pytest.skip(AMX_CRASH)
     answers = {}
     for setting in ("on", "off"):
         monkeypatch.setenv(EXTRA_BUFFERS_ENV, setting)
@@ -108,8 +121,7 @@ def test_both_paths_give_the_same_greedy_tokens(tiny_gguf, monkeypatch):
 LOAD_AND_PRINT = """
 import sys
 from common.llama import open_gguf
-llm = open_gguf(sys.argv[1], n_ctx=256, verbose=True)
-list(zip(range(2), llm.generate(llm.tokenize(b"Hi", add_bos=True), temp=0.0)))
+llm = open_gguf(sys.argv[1], n_ctx=256, verbose=True)  # the buffer lines come with the load; no decode (AMX: crash)
 """
 
 
