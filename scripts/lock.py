@@ -268,7 +268,8 @@ def upgrade_check() -> int:
     upgraded = Target(**{**TARGETS["dev"].__dict__, "lock": str((SCRATCH / "requirements-dev.lock").relative_to(REPO))})
     sync(upgraded, python)
     print(f"running the fast tests ({' '.join(FAST_TESTS)}) with the upgraded dev environment", flush=True)
-    result = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=REPO)
+    result = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FAST_TESTS], cwd=REPO,
+                            env={**os.environ, "LOCK_UNDER_TEST": str(REPO / upgraded.lock)})
     if result.returncode == 0:
         print("upgrade check passed: `python scripts/lock.py --upgrade` (make lock UPGRADE=1) moves the locks forward; "
               "run `make test` before committing them")
