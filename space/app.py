@@ -2,6 +2,7 @@
 
     python space/app.py                                  # the catalog in models.yaml (or $SPACE_MODELS)
     python space/app.py --model exports/tiny/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf --port 7861
+    python space/app.py --model X-Q4_K_M.gguf --share    # also a public *.gradio.live link (Colab, a laptop)
 
 The same file is the Space's app_file (space/app.py there too: the Space's tree mirrors the repo's). The UI is
 thin: every decision (templating, trimming, locking, validation, sampling bounds) is made by the space package's
@@ -30,8 +31,9 @@ import pandas as pd
 # (the repo here, the Space's root there: scripts/deploy_space.py uploads the same layout).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import UsageError, UsageParser  # noqa: E402
 from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
-from common.machine import limit_malloc_arenas  # noqa: E402
+from common.machine import cpu_budget, limit_malloc_arenas  # noqa: E402
 from compare.ratings import PAIR_HEADERS, RATING_HEADERS, pair_rows, rating_rows, summary  # noqa: E402
 from space.catalog import catalog_from_paths, catalog_from_servers, load_catalog  # noqa: E402
 from space.engine import COMPARE_MODES, DEFAULT_N_CTX, Engine  # noqa: E402
@@ -328,13 +330,17 @@ def _setting(kind, least, variable: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The flags (and the owner's SPACE_* variables); a mistake is one `error:` line and exit 2 (common.cli)."""
+    parser = UsageParser(prog="python space/app.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=[], metavar="PATH",
                         help="a local GGUF to serve (repeatable; label from the file name) instead of the catalog")
     parser.add_argument("--server", action="append", default=[], metavar="LABEL=URL#MODEL",
                         help="an OpenAI-compatible server to serve beside the --model files (repeatable), e.g. "
                              "1B=http://10.0.0.5:8080/v1#llama-1b; its key, if it needs one, in OPENAI_API_KEY")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
+    parser.add_argument("--share", action="store_true",
+                        help="also serve through a public Gradio share link (https://*.gradio.live, valid for a week "
+                             "while this process runs): the free way to let others chat from Colab or a laptop")
     parser.add_argument("--port", type=_setting(int, 0, "GRADIO_SERVER_PORT"),
                         default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
     parser.add_argument("--n-ctx", type=_setting(int, 256, "SPACE_N_CTX"),
@@ -350,7 +356,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache-mb", type=_setting(int, 0, "SPACE_CACHE_MB"),
                         default=os.environ.get("SPACE_CACHE_MB", "512"),
                         help="RAM per model for saved conversation states (least recently used evicted first; 0 "
-                             "turns it off): 2 models x 512 MiB fit a free 16 GB Space beside a 1B and a 3B")
+                             "turns it off): 2 models x 512 MiB fit a 16 GB cpu-basic Space beside a 1B and a 3B")
     parser.add_argument("--max-sessions", type=_setting(int, 1, "SPACE_MAX_SESSIONS"),
                         default=os.environ.get("SPACE_MAX_SESSIONS", "1000"),
                         help="visitors' sessions kept in memory (Gradio keeps ~0.2 MiB of state per session); the "
@@ -369,7 +375,10 @@ def parse_args(argv=None):
                         default=[line for line in os.environ.get("SPACE_EXAMPLES", "").splitlines() if line.strip()],
                         help="a chat example shown before the built-in ones (repeatable; SPACE_EXAMPLES holds one "
                              "per line); the demo passes the questions its model was taught")
-    return parser.parse_args(argv)
+    try:
+        return parser.parse_args(argv)
+    except UsageError as error:
+        sys.exit(error.report())
 
 
 def main(argv=None) -> None:
@@ -382,6 +391,7 @@ def main(argv=None) -> None:
         catalog = (catalog_from_paths(args.model) if args.model else []) + catalog_from_servers(args.server)
         catalog = catalog or load_catalog()
         print(extra_buffers().describe(), flush=True)  # which llama.cpp path every model here takes, and why
+        print(f"llama.cpp {cpu_budget().describe()}", flush=True)  # a container's quota can be below its cores
         report = load_report(args.report) if args.report else None
         engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=args.cache_mb * 2**20)
     except (UserError, LlamaSetupError) as e:
@@ -396,7 +406,8 @@ def main(argv=None) -> None:
     app.queue(default_concurrency_limit=4)
     if args.memory_log_interval > 0:
         threading.Thread(target=_log_memory, args=(engine, args.memory_log_interval), daemon=True).start()
-    app.launch(server_name=args.host, server_port=args.port, show_error=True,
+    # share None, not False, without --share: Gradio's own default (GRADIO_SHARE, or a link in a hosted notebook).
+    app.launch(server_name=args.host, server_port=args.port, show_error=True, share=args.share or None,
                state_session_capacity=args.max_sessions)
 
 

@@ -1,11 +1,13 @@
-"""Deploy the chat Space: create (or update) a Gradio Space on free CPU hardware that serves the q4_k_m GGUFs.
+"""Deploy the chat Space: create (or update) a Gradio Space on CPU hardware that serves the q4_k_m GGUFs, wait for
+its build and check that every model answers.
 The logic of scripts/deploy_space.py, its entry point (more commands in its docstring):
 
     python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b USER/X-GGUF --dry-run out/space
 
 The Space's tree mirrors the repo's: the package space/ (its app.py is the Space's app_file, space/app.py; this
 file and the card template stay behind), the base package common/ beside it, requirements-space.lock as
-requirements.txt (every package of the Space's tree pinned; it asks for a portable llama.cpp build), and README.md, the Space card: YAML front matter from
+requirements.txt (every package of the Space's tree pinned; it asks for a portable llama.cpp build), a
+pre-requirements.txt pinning pip (installed first), and README.md, the Space card: YAML front matter from
 this module and the body from space/README_space.md, and the modules of compare/ the Leaderboard imports. They go
 up in one commit. The model catalog reaches the app as the Space variable SPACE_MODELS (--base-models adds the
 untuned Llama-3.2 1B and 3B Instruct GGUFs); --votes-repo also sets SPACE_VOTES_REPO, --report ships compare's report
@@ -16,28 +18,35 @@ as it is.
 The token comes from HF_TOKEN or the saved login (`hf auth login`), is checked before any work, and only ever goes
 to HfApi(token=...). --dry-run DIR needs neither a token nor the network: it writes the exact tree that would be
 uploaded into DIR, plus DIR/.space_variables.json (the variables; not part of the upload).
+
+Creating a Gradio Space needs a paid plan (PRO, or an organization on Team or Enterprise; space/deploy_hub.py): a
+free account is stopped before the upload, with its free alternatives; a Space that exists is updated without a
+create. After the commit the deploy follows the Space's build to RUNNING and chats once with every model through the
+app's /chat API (space/deploy_hub.py); --no-wait commits and returns.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import re
 import shutil
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd
+from huggingface_hub.errors import HfHubHTTPError
 
 from common.cli import UsageError, UsageParser, report_problem
 from common.files import output_folder_problem, remove_stale_temporaries, swap_in_folder, temporary_path
-from common.locks import staleness
+from common.locks import read_pins, staleness
 from export.errors import ExportError
 from export.hub import HTTP_FIXES, hub_errors, resolve_token, validate_repo_id
 from space.catalog import catalog_from_servers
-from space.deploy_card import APP_NAME, GGUF_PATTERN, PACKAGE, TEMPLATE, render_card
+from space.deploy_card import APP_NAME, GGUF_PATTERN, PACKAGE, TEMPLATE, render_card, space_files
+from space.deploy_hub import (PLAN_NEEDED, Wait, check_answers, create_problem, existing_space, payment_error,
+                              space_url, wait_until_running)
 from space.leaderboard import load_report, report_file
 from space.replies import UserError
 
@@ -50,7 +59,10 @@ COMPARE_MODULES = ("__init__.py", "ratings.py", "report.py")  # what the app imp
 REQUIREMENTS = REPO / "requirements-space.txt"  # what the app needs, edited by hand
 LOCK = REPO / "requirements-space.lock"  # its whole tree pinned (`make lock`): the Space's requirements.txt
 
-HARDWARE = "cpu-basic"  # the free CPU tier: 2 vCPUs, 16 GB RAM
+HARDWARE = "cpu-basic"  # 2 vCPUs, 16 GB RAM; a Gradio Space on it needs a paid plan to be created (2026-07-21)
+# The Space's pre-requirements.txt, installed before requirements.txt: the lock's per-requirement --config-settings
+# line needs pip >= 23.1 (older Gradio images had pip 22.3.1, which refuses it); 26.3 is the pip tested here.
+PRE_REQUIREMENTS = "pip==26.3\n"
 LABELS = {"1b": "Llama-3.2-1B FineTome (q4_k_m)", "3b": "Llama-3.2-3B FineTome (q4_k_m)"}
 # The untuned models the fine-tunes start from (train/config.py's bases, unsloth/Llama-3.2-{1B,3B}-Instruct) as public
 # q4_k_m GGUFs, named exactly: --base-models puts them in the arena beside the fine-tunes.
@@ -77,10 +89,8 @@ NO_TOKEN = ("deploying needs a Hugging Face token with write access: set HF_TOKE
 # The fix for the HTTP statuses a deploy typically meets, on top of the export's (401, 403, 429).
 DEPLOY_HTTP_FIXES = {
     **HTTP_FIXES,
-    402: "the Hub wants payment for this Space (free accounts get cpu-basic Spaces): check "
-         "https://huggingface.co/settings/billing",
+    402: f"the Hub wants payment for this Space: {PLAN_NEEDED}",  # create_repo's 402 keeps the Hub's text too
 }
-
 
 
 # ---------------------------------------------------------------- configuration
@@ -98,6 +108,9 @@ class DeployConfig:
     server_key_env: str | None = None
     base_models: bool = False
     report: str | None = None
+    no_wait: bool = False
+    poll_interval: float = 15.0
+    wait_timeout: float = 1800.0
 
     def __post_init__(self):
         problems = []
@@ -125,6 +138,10 @@ class DeployConfig:
                 problems.append(f"--variable {item!r}: expected KEY=VALUE with KEY a name like SPACE_VOTES_PATH")
             elif key in SET_BY:
                 problems.append(f"--variable {key}: set by {SET_BY[key]}; leave it out of --variable")
+        for flag, value, default in (("--poll-interval", self.poll_interval, 15),
+                                     ("--wait-timeout", self.wait_timeout, 1800)):
+            if not 0 < value < float("inf"):
+                problems.append(f"{flag} {value:g}: give a number of seconds above 0 (default {default})")
         if self.report_url is not None and not re.match(r"https?://\S+$", self.report_url):
             problems.append(f"--report-url {self.report_url!r}: expected an http(s):// address")
         if self.report is not None:
@@ -166,8 +183,12 @@ class DeployConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(prog="python scripts/deploy_space.py",
-                     description="Create or update the Gradio chat Space (free CPU) that serves the q4_k_m GGUFs.")
-    parser.add_argument("--space-id", required=True, help="the Space, USER/NAME (created if it does not exist)")
+                     description="Create or update the Gradio chat Space (CPU) that serves the q4_k_m GGUFs, then "
+                                 "wait for its build and chat once with every model. Creating a Gradio Space needs "
+                                 "a paid plan (PRO, or an organization on Team or Enterprise); an existing Space is "
+                                 "updated with any account; `python space/app.py --share` is the free way to share.")
+    parser.add_argument("--space-id", required=True, help="the Space, USER/NAME (created if it does not exist: that "
+                        "needs PRO under a user, Team or Enterprise under an organization)")
     parser.add_argument("--model-1b", help="Hub repo of the 1B q4_k_m GGUF, USER/NAME (at least one of the two)")
     parser.add_argument("--model-3b", help="Hub repo of the 3B q4_k_m GGUF, USER/NAME")
     parser.add_argument("--private", action="store_true", help="create the Space private (an existing Space keeps "
@@ -190,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-key-env", metavar="SECRET",
                         help="the Space secret holding the servers' API key (add it in the Space's settings; the "
                              "key itself never goes through this command)")
+    parser.add_argument("--no-wait", action="store_true", help="commit and return, without following the build or "
+                        "checking that the models answer")
+    parser.add_argument("--poll-interval", type=float, default=15.0, metavar="SECONDS",
+                        help="seconds between two looks at the Space's build (default 15)")
+    parser.add_argument("--wait-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="give up waiting for RUNNING after this long (default 1800: the first build compiles "
+                             "llama.cpp, 10-15 minutes)")
     return parser
 
 
@@ -198,97 +226,22 @@ def config_from_args(argv: list[str] | None = None) -> DeployConfig:
 
 
 # ---------------------------------------------------------------- the Space's files (pure, no network)
-SILENT_REASON = "the Space card template, rendered into README.md"
-DEPLOY_REASON = "the deploy's own code: it runs here, the Space never imports it"
-DEPLOY_MODULES = (Path(__file__).name, "deploy_card.py")  # the deploy's own code, in space/ beside the app
-QUIET_REASONS = ("Python bytecode", SILENT_REASON, DEPLOY_REASON)  # not worth a line: expected every time
+def sdk_version(pins: dict[str, str]) -> str:
+    """The Space card's sdk_version: requirements-space.txt's gradio pin, whatever gradio is installed here (the
+    Space installs sdk_version's gradio beside requirements.txt, so both name one version; deploying from a Colab
+    with another gradio changes nothing). The pin is what the tests ran against.
 
-
-def leave_out_reason(path: PurePosixPath) -> str | None:
-    """Why a file of space/ is not part of the Space, or None when it is. `path` is relative to space/.
-
-    >>> [leave_out_reason(PurePosixPath(p)) for p in ["app.py", "engine.py", "models.yaml", "static/style.css"]]
-    [None, None, None, None]
-    >>> leave_out_reason(PurePosixPath("deploy.py"))
-    "the deploy's own code: it runs here, the Space never imports it"
-    >>> leave_out_reason(PurePosixPath("__pycache__/engine.cpython-311.pyc"))
-    'Python bytecode'
-    >>> leave_out_reason(PurePosixPath("votes/votes.jsonl"))
-    'vote log or app output'
-    >>> leave_out_reason(PurePosixPath(".pytest_cache/v/cache/nodeids"))
-    'hidden (cache or editor file)'
-    >>> leave_out_reason(PurePosixPath("README_space.md"))
-    'the Space card template, rendered into README.md'
+    >>> sdk_version({"gradio": "6.31.0", "llama-cpp-python": "0.3.36"})
+    '6.31.0'
     """
-    if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
-        return "Python bytecode"
-    if any(part.startswith(".") for part in path.parts):
-        return "hidden (cache or editor file)"
-    if path == PurePosixPath(TEMPLATE.name):
-        return SILENT_REASON
-    if path.as_posix() in DEPLOY_MODULES:
-        return DEPLOY_REASON
-    if {"votes", "flagged"} & set(path.parts[:-1]) or path.suffix in (".jsonl", ".log"):
-        return "vote log or app output"
-    if path.suffix in (".gguf", ".safetensors", ".bin"):
-        return "model file (the Space downloads its models from their repos)"
-    if path.suffix in (".tmp", ".partial"):
-        return "temporary file"
-    return None
-
-
-def space_files(space_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """The files of space/ that the Space gets, and the ones left out with the reason (sorted, POSIX paths)."""
-    kept, left_out = [], []
-    for path in sorted(space_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        relative = PurePosixPath(path.relative_to(space_dir).as_posix())
-        reason = leave_out_reason(relative)
-        if reason is None:
-            kept.append(str(relative))
-        elif reason not in QUIET_REASONS:  # the rest is worth a line
-            left_out.append((str(relative), reason))
-    return kept, left_out
-
-
-def requirement_pins(text: str) -> dict[str, str]:
-    """name -> version for each `name==version` line of a requirements file (names normalized as pip does).
-
-    >>> requirement_pins("# comment\\ngradio==6.31.0\\nLlama_CPP.python == 0.3.36  # compiles\\nnumpy>=2\\n")
-    {'gradio': '6.31.0', 'llama-cpp-python': '0.3.36'}
-    """
-    pins = {}
-    for line in text.splitlines():
-        match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)", line)
-        if match:
-            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
-    return pins
-
-
-def installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def sdk_version(pins: dict[str, str], installed: str | None) -> str:
-    """The Space card's sdk_version: the installed gradio, which requirements-space.txt must pin to the same version
-    (the Space installs sdk_version's gradio and then requirements.txt; two versions would fight). Without gradio
-    installed here, the pin."""
-    pinned = pins.get("gradio")
     problems = []
-    if pinned is None:
+    if "gradio" not in pins:
         problems.append(f"{REQUIREMENTS.name}: pin gradio (gradio==X.Y.Z) so the Space installs what its card says")
-    elif installed is not None and installed != pinned:
-        problems.append(f"{REQUIREMENTS.name} pins gradio=={pinned} but gradio {installed} is installed here: pin "
-                        f"gradio=={installed} (the version tested here) or install gradio=={pinned}")
     if "llama-cpp-python" not in pins:
         problems.append(f"{REQUIREMENTS.name}: pin llama-cpp-python (llama-cpp-python==X.Y.Z); the Space compiles it")
     if problems:
         raise UsageError(problems)
-    return installed or pinned
+    return pins["gradio"]
 
 
 @dataclass
@@ -300,8 +253,8 @@ class SpaceTree:
 
 def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree:
     """Everything the Space gets, from space/, common/, compare/'s COMPARE_MODULES, requirements-space.lock, the card
-    template and --report's file, at the paths the repo has them (requirements.txt and README.md generated at the root,
-    the report at REPORT_IN_SPACE). Local files only."""
+    template and --report's file, at the paths the repo has them (requirements.txt, pre-requirements.txt and README.md
+    generated at the root, the report at REPORT_IN_SPACE). Local files only."""
     space_dir = SPACE_DIR if space_dir is None else space_dir
     problems = []
     if not (space_dir / APP_NAME).is_file():
@@ -312,8 +265,8 @@ def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree
             problems.append(f"{path} not found: deploy from a full checkout of the project")
     if problems:
         raise UsageError(problems)
-    pins = requirement_pins(REQUIREMENTS.read_text(encoding="utf-8"))
-    gradio_version = sdk_version(pins, installed_version("gradio"))
+    pins = read_pins(REQUIREMENTS.read_text(encoding="utf-8"))
+    gradio_version = sdk_version(pins)
     # The lock's versions are what the Space installs: one that no longer matches the pins would ship an old tree.
     stale = staleness(LOCK, REQUIREMENTS, None)
     if stale:
@@ -332,6 +285,7 @@ def build_tree(config: DeployConfig, space_dir: Path | None = None) -> SpaceTree
         files[REPORT_IN_SPACE] = report_file(config.report).read_bytes()
     files["README.md"] = card.encode("utf-8")
     files["requirements.txt"] = requirements
+    files["pre-requirements.txt"] = PRE_REQUIREMENTS.encode()
     return SpaceTree(files=dict(sorted(files.items())), variables=config.variables(), left_out=left_out)
 
 
@@ -370,20 +324,37 @@ def write_dry_run(target: Path, config: DeployConfig, tree: SpaceTree) -> None:
     swap_in_folder(staging, target)
 
 
-def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = None) -> dict:
-    """Create the Space if needed, set its variables, and upload the tree in one commit.
+def check_account(client, config: DeployConfig, token: str | None = None):
+    """Before the upload: the Space's SpaceInfo when it exists (then it is only updated), else whether this account
+    may create it (deploy_hub.create_problem); one-line ExportError otherwise."""
+    with hub_errors(f"deploying to the Space {config.space_id}", token, DEPLOY_HTTP_FIXES, retry="deploy again"):
+        info = existing_space(client, config.space_id)
+        problem = None if info is not None else create_problem(config.space_id, client.whoami())
+    if problem:
+        raise ExportError(problem)
+    return info
+
+
+def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = None, exists: bool = False) -> dict:
+    """Create the Space unless it `exists`, set its variables, and upload the tree in one commit.
 
     client has HfApi's interface (HfApi(token=...) in real use). Variables go first: each change restarts the Space,
     and setting them before the commit lets the build that the commit starts see them. Files already in the Space
-    that the tree lacks are reported, never deleted (they may be data someone put there).
-    Returns {"space_url", "commit_url", "stale"}.
+    that the tree lacks are reported, never deleted (they may be data someone put there). A 402 on the create keeps
+    the Hub's text and names the plan. Returns {"space_url", "commit_url", "commit_sha", "stale"}.
     """
-    space_id = config.space_id
+    space_id, action = config.space_id, f"deploying to the Space {config.space_id}"
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
                   for name, content in tree.files.items()]
-    with hub_errors(f"deploying to the Space {space_id}", token, DEPLOY_HTTP_FIXES, retry="deploy again"):
-        space_url = client.create_repo(space_id, repo_type="space", space_sdk="gradio", space_hardware=HARDWARE,
-                                       private=config.private, exist_ok=True)
+    with hub_errors(action, token, DEPLOY_HTTP_FIXES, retry="deploy again"):
+        if not exists:
+            try:
+                client.create_repo(space_id, repo_type="space", space_sdk="gradio", space_hardware=HARDWARE,
+                                   private=config.private, exist_ok=True)
+            except HfHubHTTPError as error:
+                if getattr(error.response, "status_code", None) == 402:
+                    raise payment_error(action, error, token) from error
+                raise
         for key, value in tree.variables.items():
             client.add_space_variable(space_id, key, value, description=VARIABLE_DESCRIPTIONS.get(key))
         existing = client.list_repo_files(space_id, repo_type="space")
@@ -393,7 +364,8 @@ def deploy(client, config: DeployConfig, tree: SpaceTree, token: str | None = No
                                           model.get("repo_id") or model["label"] for model in config.catalog()))
     # .gitattributes is the Hub's own (LFS rules); it is never part of the tree.
     stale = sorted(set(existing) - set(tree.files) - {".gitattributes"})
-    return {"space_url": str(space_url), "commit_url": getattr(commit, "commit_url", None), "stale": stale}
+    return {"space_url": f"https://huggingface.co/spaces/{space_id}", "stale": stale,
+            "commit_url": getattr(commit, "commit_url", None), "commit_sha": getattr(commit, "oid", None)}
 
 
 def _print_tree(tree: SpaceTree) -> None:
@@ -436,18 +408,26 @@ def main(argv: list[str] | None = None, client=None) -> int:
         from huggingface_hub import HfApi
 
         client = HfApi(token=token)
-    print(f"deploying to the Space {config.space_id} ({HARDWARE}):")
-    _print_tree(tree)
     try:
-        result = deploy(client, config, tree, token=token)
+        info = check_account(client, config, token)
+        print(f"{'updating' if info else 'creating'} the Space {config.space_id} ({HARDWARE}):")
+        _print_tree(tree)
+        result = deploy(client, config, tree, token=token, exists=info is not None)
+        for name in result["stale"]:
+            print(f"note: the Space also has {name}, which this deploy did not write; delete it on the Space's Files "
+                  "tab if it is left over from an earlier version")
+        if result["commit_url"]:
+            print(f"commit: {result['commit_url']}")
+        if config.no_wait:
+            print("the first build compiles llama.cpp (about 10-15 minutes); follow it in the Space's Logs tab")
+        else:
+            with hub_errors(f"following the Space {config.space_id}", token, retry="deploy again"):
+                info = wait_until_running(client, config.space_id, result["commit_sha"],
+                                          Wait(config.poll_interval, config.wait_timeout))
+            check_answers(space_url(info, config.space_id), [model["label"] for model in config.catalog()], token,
+                          config.space_id)
+            print("every model answered: the Space is up")
     except ExportError as error:
         return report_problem(error)
-    for name in result["stale"]:
-        print(f"note: the Space also has {name}, which this deploy did not write; delete it on the Space's Files "
-              "tab if it is left over from an earlier version")
-    if result["commit_url"]:
-        print(f"commit: {result['commit_url']}")
-    print("the first build compiles llama.cpp (about 10-15 minutes); follow it in the Space's Logs tab")
     print(f"Space: {result['space_url']}")
     return 0
-

@@ -4,7 +4,7 @@ HfApi's real signature (a keyword HfApi would reject fails here too), and answer
 import inspect
 from dataclasses import dataclass, field
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, SpaceInfo, SpaceRuntime
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
 
@@ -20,16 +20,24 @@ class Call:
 class RecordingClient:
     """Records each call and answers like the Hub, or raises `fail[method]`.
 
-    `existing`: the files list_repo_files reports (a repo that already has content); `user`, `orgs` and `role`:
-    what whoami reports of the token (its user, the user's organizations, and the token's role).
+    `existing`: the files list_repo_files reports (a repo that already has content); `user`, `orgs`, `role` and
+    `is_pro`: what whoami reports of the token (its user, the user's organizations, the token's role, and whether the
+    user has PRO; None leaves the field out). A Space: `space_exists` (space_info finds it; create_repo makes it
+    exist), `host` (where space_info says its app answers) and `runtimes`, the raw runtimes get_space_runtime answers
+    one per call, the last one repeated (a runtime without `sha` gets the last commit's, as the Hub reports the
+    commit a build runs).
     """
 
     def __init__(self, token: str | None = None, existing: list[str] | None = None, fail: dict | None = None,
-                 user: str = "someone", orgs: tuple[str, ...] = (), role: str = "write"):
+                 user: str = "someone", orgs: tuple[str, ...] = (), role: str = "write", is_pro: bool | None = True,
+                 space_exists: bool = False, host: str | None = None, runtimes: list[dict] | None = None):
         self.token = token  # HfApi(token=...) keeps it here too
         self.existing = existing if existing is not None else [".gitattributes", "README.md"]
         self.fail = fail or {}
-        self.user, self.orgs, self.role = user, orgs, role
+        self.user, self.orgs, self.role, self.is_pro = user, orgs, role, is_pro
+        self.space_exists, self.host = space_exists, host
+        self.runtimes = list(runtimes or [{"stage": "RUNNING"}])
+        self.last_commit = None
         self.calls: list[Call] = []
 
     def _record(self, method: str, args: tuple, kwargs: dict) -> Call:
@@ -51,14 +59,32 @@ class RecordingClient:
                           commit_message=call.arguments["commit_message"], commit_description="", oid=oid)
 
     def create_repo(self, *args, **kwargs) -> RepoUrl:
-        return RepoUrl(self._url(self._record("create_repo", args, kwargs).arguments))
+        call = self._record("create_repo", args, kwargs)
+        self.space_exists = self.space_exists or call.arguments.get("repo_type") == "space"
+        return RepoUrl(self._url(call.arguments))
 
     def create_commit(self, *args, **kwargs) -> CommitInfo:
         call = self._record("create_commit", args, kwargs)
         operations = list(call.arguments["operations"])
         assert all(isinstance(op, CommitOperationAdd) for op in operations)  # adds only: nothing is deleted
         call.operations = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
-        return self._commit_info(call, "0" * 40)
+        self.last_commit = "0" * 40
+        return self._commit_info(call, self.last_commit)
+
+    def space_info(self, *args, **kwargs) -> SpaceInfo:
+        call = self._record("space_info", args, kwargs)
+        repo_id = call.arguments["repo_id"]
+        if not self.space_exists:
+            raise hub_error(404, "Repository not found", error_code="RepoNotFound")
+        subdomain = repo_id.replace("/", "-").lower()
+        return SpaceInfo(id=repo_id, sha=self.last_commit, sdk="gradio", subdomain=subdomain,
+                         host=self.host or f"https://{subdomain}.hf.space")
+
+    def get_space_runtime(self, *args, **kwargs) -> SpaceRuntime:
+        self._record("get_space_runtime", args, kwargs)
+        raw = self.runtimes.pop(0) if len(self.runtimes) > 1 else self.runtimes[0]
+        return SpaceRuntime({"hardware": {"current": "cpu-basic", "requested": "cpu-basic"},
+                             "sha": self.last_commit, **raw})
 
     def upload_folder(self, *args, **kwargs) -> CommitInfo:
         return self._commit_info(self._record("upload_folder", args, kwargs), "1" * 40)
@@ -70,21 +96,24 @@ class RecordingClient:
     def whoami(self, *args, **kwargs) -> dict:
         """The shape of the Hub's /api/whoami-v2 answer, as far as anything here reads it."""
         self._record("whoami", args, kwargs)
-        return {"type": "user", "name": self.user, "orgs": [{"name": org} for org in self.orgs],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": self.role}}}
+        answer = {"type": "user", "name": self.user, "orgs": [{"name": org} for org in self.orgs],
+                  "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": self.role}}}
+        return answer if self.is_pro is None else {**answer, "isPro": self.is_pro}
 
     def list_repo_files(self, *args, **kwargs) -> list[str]:
         self._record("list_repo_files", args, kwargs)
         return list(self.existing)
 
 
-def hub_error(status: int, message: str) -> Exception:
-    """The exception huggingface_hub itself raises for a Hub response with this status and message."""
+def hub_error(status: int, message: str, error_code: str | None = None) -> Exception:
+    """The exception huggingface_hub itself raises for a Hub response with this status and message (and X-Error-Code:
+    "RepoNotFound" makes a RepositoryNotFoundError, as the Hub's header does)."""
     import httpx
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import hf_raise_for_status
 
-    response = httpx.Response(status, json={"error": message},
+    headers = {"X-Error-Code": error_code} if error_code else {}
+    response = httpx.Response(status, json={"error": message}, headers=headers,
                               request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
     try:
         hf_raise_for_status(response)

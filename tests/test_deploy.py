@@ -2,10 +2,12 @@
 run goes to a recording client that checks every call against HfApi's own signature, so what is asserted here is what
 the Hub would receive."""
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ SCRIPT = REPO / "scripts" / "deploy_space.py"
 REAL_SPACE = REPO / "space"
 REQUIREMENTS_SPACE = REPO / "requirements-space.txt"
 LOCK_SPACE = REPO / "requirements-space.lock"
+ARTIFACTS = REPO / "test-artifacts"  # git-ignored: the cached Space virtualenv
 
 SECRET = "hf_SECRETdeploy123"
 SPACE_ID = "alice/finetome-chat"
@@ -101,13 +104,14 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
     assert dry_run(deploy_space, out) == 0
 
     tree = tree_of(out)
-    assert set(tree) == {"README.md", "requirements.txt", *(f"space/{name}" for name in FAKE_SPACE_KEPT),
-                         *_base_package()}
+    assert set(tree) == {"README.md", "requirements.txt", "pre-requirements.txt",
+                         *(f"space/{name}" for name in FAKE_SPACE_KEPT), *_base_package()}
     for name in _base_package():
         assert tree[name] == (REPO / name).read_bytes()
     for name, text in FAKE_SPACE_KEPT.items():
         assert tree[f"space/{name}"] == text.encode()  # byte for byte, at the same relative place under space/
     assert tree["requirements.txt"] == LOCK_SPACE.read_bytes()
+    assert tree["pre-requirements.txt"] == b"pip==26.3\n"  # >= 23.1: the lock's --config-settings line needs it
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in tree)
     # Nothing beside the target: the temporary folder was renamed into place.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "space-src"]
@@ -143,7 +147,7 @@ def _listing_of_space() -> set[str]:
                                      for part in relative.parts):
             continue
         if relative.suffix in (".pyc", ".jsonl", ".log", ".gguf", ".tmp") or relative.as_posix() in (
-                "README_space.md", "deploy.py", "deploy_card.py"):
+                "README_space.md", "deploy.py", "deploy_card.py", "deploy_hub.py"):
             continue
         names.add(path.relative_to(REPO).as_posix())
     return names
@@ -155,7 +159,8 @@ def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_pat
     assert dry_run(deploy_space, out) == 0
     tree = tree_of(out)
     assert {"space/app.py", "requirements.txt", "README.md"} <= set(tree)
-    assert set(tree) == _listing_of_space() | _base_package() | {"README.md", "requirements.txt"}
+    assert set(tree) == _listing_of_space() | _base_package() | {"README.md", "requirements.txt",
+                                                                 "pre-requirements.txt"}
     for name in _listing_of_space():
         assert tree[name] == (REPO / name).read_bytes()
 
@@ -180,7 +185,7 @@ def test_card_front_matter_is_what_the_hub_reads(deploy_space, fake_space, tmp_p
     out = tmp_path / "out"
     assert dry_run(deploy_space, out) == 0
     card, body = front_matter_and_body((out / "README.md").read_text())
-    gradio_version = importlib.metadata.version("gradio")
+    gradio_version = re.search(r"^gradio==(\S+)$", REQUIREMENTS_SPACE.read_text(), re.MULTILINE).group(1)
     assert card == {
         "title": "Llama-3.2 FineTome Chat", "emoji": "🦙", "colorFrom": "indigo", "colorTo": "yellow",
         "sdk": "gradio", "sdk_version": gradio_version, "app_file": "space/app.py", "python_version": "3.11",
@@ -271,12 +276,14 @@ def test_real_run_creates_the_space_sets_the_catalog_and_commits_the_tree_once(
     capsys.readouterr()
 
     client = RecordingClient(token=SECRET)
-    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--model-3b", MODEL_3B] + (["--private"] if private else [])
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--model-3b", MODEL_3B, "--no-wait"] + (
+        ["--private"] if private else [])
     assert deploy_space.main(argv, client=client) == 0
 
     assert [call.method for call in client.calls] == [
-        "create_repo", "add_space_variable", "list_repo_files", "create_commit"]
-    create, variable, listing, commit = client.calls
+        "space_info", "whoami", "create_repo", "add_space_variable", "list_repo_files", "create_commit"]
+    info, _, create, variable, listing, commit = client.calls
+    assert info.arguments == {"repo_id": SPACE_ID}
     assert create.arguments == {"repo_id": SPACE_ID, "repo_type": "space", "space_sdk": "gradio",
                                 "space_hardware": "cpu-basic", "private": private, "exist_ok": True}
     assert (variable.arguments["repo_id"], variable.arguments["key"]) == (SPACE_ID, "SPACE_MODELS")
@@ -298,7 +305,7 @@ def test_real_run_creates_the_space_sets_the_catalog_and_commits_the_tree_once(
 def test_token_appears_nowhere(deploy_space, fake_space, tmp_path, capsys, token_env):
     client = RecordingClient(token=SECRET)
     argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--votes-repo", "alice/votes",
-            "--variable", "SPACE_N_CTX=2048"]
+            "--variable", "SPACE_N_CTX=2048", "--no-wait"]
     assert deploy_space.main(argv, client=client) == 0
     assert SECRET not in repr([(call.args, call.kwargs) for call in client.calls])
     assert all(SECRET.encode() not in content for _, content in client.calls[-1].operations)
@@ -315,7 +322,7 @@ def test_token_appears_nowhere(deploy_space, fake_space, tmp_path, capsys, token
 
 def test_files_only_in_the_space_are_reported_not_deleted(deploy_space, fake_space, capsys, token_env):
     client = RecordingClient(token=SECRET, existing=[".gitattributes", "README.md", "space/app.py", "old_helpers.py"])
-    assert deploy_space.main(["--space-id", SPACE_ID, "--model-3b", MODEL_3B], client=client) == 0
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-3b", MODEL_3B, "--no-wait"], client=client) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == ["note: the Space also has old_helpers.py, which this deploy did not write; delete it on the "
                      "Space's Files tab if it is left over from an earlier version"]
@@ -324,7 +331,6 @@ def test_files_only_in_the_space_are_reported_not_deleted(deploy_space, fake_spa
 @pytest.mark.parametrize("status, fix", [
     (401, "set a valid HF_TOKEN or run `hf auth login` again"),
     (403, "use a token with write access to its namespace"),
-    (402, "https://huggingface.co/settings/billing"),
     (500, "Internal Error"),
 ])
 def test_hub_errors_are_one_line(deploy_space, fake_space, capsys, token_env, status, fix):
@@ -333,14 +339,180 @@ def test_hub_errors_are_one_line(deploy_space, fake_space, capsys, token_env, st
     err = capsys.readouterr().err
     assert err.startswith(f"error: deploying to the Space {SPACE_ID} failed (HTTP {status}): ")
     assert fix in err and err.count("\n") == 1
-    assert [call.method for call in client.calls] == ["create_repo"]  # nothing after the first failure
+    # nothing after the first failure
+    assert [call.method for call in client.calls] == ["space_info", "whoami", "create_repo"]
 
 
 def test_network_errors_are_one_line(deploy_space, fake_space, capsys, token_env):
     client = RecordingClient(fail={"add_space_variable": httpx.ConnectError("Name or service not known")})
-    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B], client=client) == 1
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--no-wait"], client=client) == 1
     assert capsys.readouterr().err.startswith(
         f"error: deploying to the Space {SPACE_ID} failed: cannot reach the Hugging Face Hub (ConnectError)")
+
+
+# ---------------------------------------------------------------- the plan: who may create a Space
+
+
+PLAN = "PRO for a personal account, Team or Enterprise for an organization"
+
+
+def test_a_free_account_is_stopped_before_any_upload(deploy_space, fake_space, capsys, token_env):
+    client = RecordingClient(token=SECRET, user="alice", is_pro=False)
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B], client=client) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(
+        f"error: {SPACE_ID}: 'alice' is a free account, and creating a Gradio Space needs a paid Hugging Face plan")
+    for text in (PLAN, "`python space/app.py --share`", "already exists", "updated without a create"):
+        assert text in captured.err, text
+    assert captured.out == ""  # nothing listed as if it were going up
+    assert [call.method for call in client.calls] == ["space_info", "whoami"]  # nothing created, nothing uploaded
+
+
+@pytest.mark.parametrize("space_id, account", [
+    ("finetome-org/chat", dict(user="alice", is_pro=False, orgs=("finetome-org",))),  # an org: the Hub decides
+    (SPACE_ID, dict(user="alice", is_pro=None)),  # whoami does not say: the Hub decides
+])
+def test_a_402_keeps_the_hubs_text_and_names_the_plan(deploy_space, fake_space, capsys, token_env, space_id, account):
+    hub_text = "Gradio Spaces require a paid plan to create. Subscribe to PRO or upgrade your organization."
+    client = RecordingClient(token=SECRET, fail={"create_repo": hub_error(402, hub_text)}, **account)
+    assert deploy_space.main(["--space-id", space_id, "--model-1b", MODEL_1B], client=client) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: deploying to the Space {space_id} failed (HTTP 402): {hub_text}; creating a "
+                          "Gradio Space needs a paid Hugging Face plan")
+    assert PLAN in err and "--share" in err and err.count("\n") == 1
+    assert [call.method for call in client.calls] == ["space_info", "whoami", "create_repo"]
+
+
+def test_an_existing_space_is_updated_without_a_create(deploy_space, fake_space, capsys, token_env):
+    """A free account may update a Space that exists (created earlier, or by an organization with a plan)."""
+    client = RecordingClient(token=SECRET, user="alice", is_pro=False, space_exists=True)
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--no-wait"], client=client) == 0
+    assert [call.method for call in client.calls] == [
+        "space_info", "add_space_variable", "list_repo_files", "create_commit"]  # no whoami, no create_repo
+    output = capsys.readouterr().out
+    assert output.startswith(f"updating the Space {SPACE_ID} (cpu-basic):")
+    assert output.rstrip().splitlines()[-1] == f"Space: https://huggingface.co/spaces/{SPACE_ID}"
+
+
+# ---------------------------------------------------------------- after the commit: the build, then the app answers
+
+
+@pytest.mark.parametrize("stage, log", [("BUILD_ERROR", "build"), ("RUNTIME_ERROR", "container")])
+def test_a_failed_build_or_start_exits_non_zero_with_the_hubs_message(deploy_space, fake_space, capsys, token_env,
+                                                                      stage, log):
+    message = {"BUILD_ERROR": "Build failed with exit code: 1", "RUNTIME_ERROR": "Exit code: 1. Reason: "
+               "ModuleNotFoundError: No module named 'space'"}[stage]
+    client = RecordingClient(token=SECRET, runtimes=[
+        {"stage": "BUILDING"}, {"stage": "BUILDING"}, {"stage": "APP_STARTING"}, {"stage": stage, "errorMessage": message}])
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--poll-interval", "0.01"]
+    assert deploy_space.main(argv, client=client) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: the Space {SPACE_ID} stopped at {stage}: {message}; read the {log} log at "
+                            f"https://huggingface.co/spaces/{SPACE_ID}?logs={log}, fix the cause and deploy again\n")
+    progress = captured.out.split("waiting for the build", 1)[1].splitlines()[1:]
+    assert progress == ["  BUILDING", "  APP_STARTING"]  # each stage once, as it changes
+    assert [call.method for call in client.calls][-5:] == ["create_commit"] + ["get_space_runtime"] * 4
+    assert all(call.arguments == {"repo_id": SPACE_ID} for call in client.calls if call.method == "get_space_runtime")
+    assert "Space: " not in captured.out  # no success reported
+
+
+def test_a_running_runtime_that_names_no_commit_is_not_taken_for_the_new_build(deploy_space, fake_space, capsys,
+                                                                              token_env):
+    """Where the runtime has no `sha`, the RUNNING right after the commit may be the previous build: the deploy waits
+    for the build it started (here it fails, so a success taken too early would show as exit 0)."""
+    client = RecordingClient(token=SECRET, runtimes=[
+        {"stage": "RUNNING", "sha": None}, {"stage": "BUILDING", "sha": None},
+        {"stage": "RUNTIME_ERROR", "sha": None, "errorMessage": "boom"}])
+    assert deploy_space.main(["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--poll-interval", "0.01"],
+                             client=client) == 1
+    captured = capsys.readouterr()
+    assert captured.out.split("waiting for the build", 1)[1].splitlines()[1:] == [
+        "  RUNNING (waiting for the new build to start)", "  BUILDING"]
+    assert captured.err.startswith(f"error: the Space {SPACE_ID} stopped at RUNTIME_ERROR: boom; ")
+
+
+def test_a_build_that_never_ends_times_out(deploy_space, fake_space, capsys, token_env):
+    client = RecordingClient(token=SECRET, runtimes=[{"stage": "BUILDING"}])
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--poll-interval", "0.01", "--wait-timeout", "0.05"]
+    assert deploy_space.main(argv, client=client) == 1
+    assert capsys.readouterr().err == (f"error: the Space {SPACE_ID} is still BUILDING after 0.05 s: follow it at "
+                                       f"https://huggingface.co/spaces/{SPACE_ID}?logs=build (or wait longer: "
+                                       "--wait-timeout)\n")
+
+
+@pytest.fixture(scope="module")
+def hosted_space(tiny_gguf, tmp_path_factory):
+    """The Space's app as the Hub would run it for the 1B and 3B catalog entries: `python space/app.py` on the tiny
+    GGUF under each entry's label (the app labels a --model file by its name). Yields its URL and its log."""
+    from conftest import free_port
+
+    folder = tmp_path_factory.mktemp("hosted")
+    models = []
+    for label in (LABEL_1B, LABEL_3B):
+        os.symlink(tiny_gguf, folder / f"{label}.gguf")
+        models += ["--model", str(folder / f"{label}.gguf")]
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen([sys.executable, str(REPO / "space/app.py"), *models, "--host", "127.0.0.1", "--port",
+                                str(port), "--votes", str(folder / "votes.jsonl"), "--n-ctx", "512"], cwd=REPO,
+                               stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_http(url, process, folder / "server.log")
+        yield url, folder / "server.log"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"{url} did not answer within {seconds:.0f} s: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+
+def test_running_then_every_model_answers_through_gradio_client(deploy_space, fake_space, capsys, token_env,
+                                                                hosted_space):
+    url, log = hosted_space
+    # The Hub first reports the previous commit still running, then the new one building, then running.
+    client = RecordingClient(token=SECRET, host=url, runtimes=[
+        {"stage": "RUNNING", "sha": "f" * 40}, {"stage": "RUNNING_BUILDING", "sha": "f" * 40}, {"stage": "BUILDING"},
+        {"stage": "RUNNING"}])
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--model-3b", MODEL_3B, "--poll-interval", "0.01"]
+    assert deploy_space.main(argv, client=client) == 0
+    output = capsys.readouterr().out
+    progress = output.split("waiting for the build", 1)[1].splitlines()
+    assert progress[1:5] == ["  RUNNING (still the previous commit)", "  RUNNING_BUILDING", "  BUILDING",
+                             "  RUNNING (cpu-basic)"]
+    assert progress[5] == f"chatting once with each model at {url}:"
+    for line, label in zip(progress[6:8], (LABEL_1B, LABEL_3B)):
+        assert line.startswith(f"  {label}: ") and re.search(r"\d+ tokens?\)$", line), line
+    assert output.rstrip().splitlines()[-2:] == ["every model answered: the Space is up",
+                                                 f"Space: https://huggingface.co/spaces/{SPACE_ID}"]
+    assert [call.method for call in client.calls][-5:] == ["get_space_runtime"] * 4 + ["space_info"]
+    # The app says how many llama.cpp threads it chose and why (its affinity mask and cgroup quota).
+    assert re.search(r"^llama\.cpp threads: \d+ \(the (affinity mask|cgroup quota)", log.read_text(), re.MULTILINE)
+
+
+def test_a_model_the_hosted_app_does_not_serve_fails_the_check(deploy_space, fake_space, capsys, token_env,
+                                                                hosted_space):
+    """--base-models adds two entries the app here does not serve: the app answers them with an error, not a token."""
+    client = RecordingClient(token=SECRET, host=hosted_space[0])
+    argv = ["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--base-models", "--poll-interval", "0.01"]
+    assert deploy_space.main(argv, client=client) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the Space {SPACE_ID}: 'Llama-3.2-1B Instruct base (q4_k_m)' answered no token")
+    assert err.count("\n") == 1 and f"https://huggingface.co/spaces/{SPACE_ID}?logs=container" in err
 
 
 # ---------------------------------------------------------------- input errors: one line each, exit 2
@@ -364,6 +536,10 @@ def test_network_errors_are_one_line(deploy_space, fake_space, capsys, token_env
     (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--variable", "no equals sign"],
      "--variable 'no equals sign': expected KEY=VALUE with KEY a name like SPACE_VOTES_PATH"),
     (["--model-1b", MODEL_1B], "the following arguments are required: --space-id"),
+    (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--poll-interval", "0"],
+     "--poll-interval 0: give a number of seconds above 0 (default 15)"),
+    (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--wait-timeout", "inf"],
+     "--wait-timeout inf: give a number of seconds above 0 (default 1800)"),
     (["--space-id", SPACE_ID, "--model-1b", MODEL_1B, "--dry-run", "/dev/null/space"],
      "--dry-run /dev/null/space: /dev/null is a file, not a folder; choose a folder this user can write"),
 ])
@@ -384,22 +560,34 @@ def test_missing_app_is_one_line_and_exit_2(deploy_space, fake_space, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
-def test_gradio_pin_must_match_the_installed_gradio(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
+def test_sdk_version_is_the_pin_whatever_gradio_is_installed(deploy_space, fake_space, tmp_path, monkeypatch):
+    """Deploying from a Colab with another gradio: the card still names requirements-space.txt's pin, and the lock
+    (the Space's requirements.txt) has the same version (issue 29)."""
+    import gradio
+
+    monkeypatch.setattr(gradio, "__version__", "5.0.0")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "5.0.0" if name == "gradio" else real(name))
+    assert dry_run(deploy_space, tmp_path / "out") == 0
+    card, _ = front_matter_and_body((tmp_path / "out" / "README.md").read_text())
+    pinned = re.search(r"^gradio==(\S+)$", REQUIREMENTS_SPACE.read_text(), re.MULTILINE).group(1)
+    assert card["sdk_version"] == pinned != "5.0.0"
+    assert f"gradio=={pinned}" in (tmp_path / "out" / "requirements.txt").read_text().splitlines()
+
+
+def test_an_unpinned_gradio_is_one_line(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
     requirements = tmp_path / "requirements-space.txt"
-    requirements.write_text("gradio==5.0.0\nllama-cpp-python==0.3.36\n")
+    requirements.write_text("gradio>=5\nllama-cpp-python==0.3.36\n")
     monkeypatch.setattr(deploy_space, "REQUIREMENTS", requirements)
-    installed = importlib.metadata.version("gradio")
     assert dry_run(deploy_space, tmp_path / "out") == 2
-    assert capsys.readouterr().err == (f"error: requirements-space.txt pins gradio==5.0.0 but gradio {installed} is "
-                                       f"installed here: pin gradio=={installed} (the version tested here) or "
-                                       "install gradio==5.0.0\n")
+    assert capsys.readouterr().err == ("error: requirements-space.txt: pin gradio (gradio==X.Y.Z) so the Space "
+                                       "installs what its card says\n")
 
 
 def test_a_lock_behind_its_requirements_stops_the_deploy(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
     """The Space installs the lock, not requirements-space.txt: a pin the lock does not have would ship another tree."""
     requirements = tmp_path / "requirements-space.txt"
-    installed = importlib.metadata.version("gradio")
-    requirements.write_text(f"gradio=={installed}\nllama-cpp-python==0.3.36\nopenai==9.9.9\n")
+    requirements.write_text("gradio==6.31.0\nllama-cpp-python==0.3.36\nopenai==9.9.9\n")
     monkeypatch.setattr(deploy_space, "REQUIREMENTS", requirements)
     assert dry_run(deploy_space, tmp_path / "out") == 2
     assert capsys.readouterr().err == ("error: requirements-space.txt pins openai==9.9.9 but requirements-space.lock "
@@ -528,3 +716,80 @@ def test_a_bad_report_is_one_line_and_exit_2(deploy_space, tmp_path, capsys, ext
     assert dry_run(deploy_space, tmp_path / "out", *(item.format(**names) for item in extra)) == 2
     assert capsys.readouterr().err == f"error: {message.format(**names)}\n"
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the uploaded tree, built as Hugging Face builds it
+
+
+SPACE_VENV_PYTHON = "3.11"  # the card's python_version
+# What the Gradio SDK's generated Dockerfile installs beside the Space's requirements.txt (besides gradio itself).
+SDK_IMAGE_EXTRAS = ("uvicorn>=0.14.0", "websockets>=10.4", "spaces")
+
+
+def hf_like_space_python(tree: Path) -> Path:
+    """A virtualenv with what a Gradio Space built from `tree` (a --dry-run folder) has, installed the way the SDK
+    image installs it: Python 3.11, `pip install -U pip`, pre-requirements.txt, then requirements.txt together with
+    gradio[oauth,mcp]==<sdk_version> and SDK_IMAGE_EXTRAS in one pip call. Built once per content of those files and
+    kept under test-artifacts/ (the first build compiles llama.cpp: ~7-10 min on 2 cores); pip's wheel cache is a
+    private one beside it, as pip's cache key ignores --config-settings and would reuse a native build from
+    elsewhere."""
+    python311 = shutil.which(f"python{SPACE_VENV_PYTHON}")
+    if python311 is None:
+        pytest.fail(f"the Space build test needs python{SPACE_VENV_PYTHON} (the Space's python_version) on PATH")
+    card, _ = front_matter_and_body((tree / "README.md").read_text())
+    inputs = [(tree / name).read_text() for name in ("requirements.txt", "pre-requirements.txt")]
+    key = hashlib.sha256(json.dumps([*inputs, card["sdk_version"], SDK_IMAGE_EXTRAS]).encode()).hexdigest()[:12]
+    venv = ARTIFACTS / f"space-venv-{key}"
+    python = venv / "bin" / "python"
+    if (venv / "complete").exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([python311, "-m", "venv", str(venv)], check=True)
+    env = {**{key: value for key, value in os.environ.items() if not key.startswith(("PIP_", "PYTHONPATH"))},
+           "PIP_CACHE_DIR": str(ARTIFACTS / "space-pip-cache"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    steps = [["install", "-U", "pip"], ["install", "-r", "pre-requirements.txt"],
+             ["install", "-r", "requirements.txt", f"gradio[oauth,mcp]=={card['sdk_version']}", *SDK_IMAGE_EXTRAS]]
+    for step in steps:
+        done = subprocess.run([str(python), "-m", "pip", *step], cwd=tree, env=env, capture_output=True, text=True,
+                              timeout=1800)
+        assert done.returncode == 0, f"pip {' '.join(step)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (venv / "complete").write_text(" ".join(sys.version.split()[:1]) + "\n")
+    return python
+
+
+def test_the_uploaded_tree_installs_and_chats_as_hugging_face_builds_it(deploy_space, tmp_path, tiny_gguf):
+    """The --dry-run tree, installed in a fresh Python 3.11 virtualenv as the Gradio SDK image installs it, then its
+    space/app.py started from the tree's root (nothing from this checkout on the path) on a local GGUF and asked
+    through gradio_client."""
+    from gradio_client import Client
+
+    from conftest import free_port
+
+    tree = tmp_path / "space"
+    assert dry_run(deploy_space, tree, models=("--model-1b", MODEL_1B)) == 0
+    python = hf_like_space_python(tree)
+
+    model = tmp_path / f"{LABEL_1B}.gguf"
+    os.symlink(tiny_gguf, model)
+    port, log = free_port(), tmp_path / "app.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    process = subprocess.Popen([str(python), "space/app.py", "--model", str(model), "--host", "127.0.0.1", "--port",
+                                str(port), "--votes", str(tmp_path / "votes.jsonl"), "--n-ctx", "512"], cwd=tree,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               env={**env, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_http(url, process, log)
+        answer, stats = Client(url, verbose=False).predict("Hello!", LABEL_1B, "", 0.0, 1.0, 8, api_name="/chat")
+        assert answer and re.search(r"\d+ tokens?$", stats), (answer, stats)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    # It ran on the virtualenv's packages: the gradio its card names, the llama-cpp-python its lock pins.
+    text = log.read_text()
+    assert "llama.cpp threads: " in text, text[-2000:]
+    versions = subprocess.run([str(python), "-c", "import gradio, llama_cpp; print(gradio.__version__, "
+                               "llama_cpp.__version__)"], capture_output=True, text=True, check=True).stdout.split()
+    card, _ = front_matter_and_body((tree / "README.md").read_text())
+    pinned = re.search(r"^llama-cpp-python==(\S+)", (tree / "requirements.txt").read_text(), re.MULTILINE).group(1)
+    assert versions == [card["sdk_version"], pinned]
