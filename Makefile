@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv lock upgrade-check clean
+.PHONY: test test-fast demo venv lock upgrade-check clean
 
 # Reinstall only when the lock changed since the last install. The venv gets exactly the lock: every package at its
 # locked version, every file's hash checked, anything the lock does not list removed.
@@ -29,6 +29,10 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
+
+# The fast lane: everything but the end-to-end runs of minutes each (tests/conftest.py lists them).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 # Train (with a SIGKILL and a resume), export, chat, then serve the Space; DEMO_NO_LAUNCH=1 skips serving.
 demo: $(STAMP)

@@ -49,6 +49,7 @@ from bench.harness import worker
 from bench.report import RESULTS, write_outputs
 from bench.sections import SECTIONS, run_sections
 from bench.shapes import SHAPES
+from common.cli import UsageError, UsageParser
 from common.llama3 import cache_root
 from common.machine import cpu_name, usable_cpus
 
@@ -69,8 +70,8 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     """scripts/bench.py: check the flags (every problem at once, exit 2), measure the sections asked for, or with
     --render-only none, then rewrite the report; --worker runs one measured step (bench.harness)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = UsageParser(prog="python scripts/bench.py", description=__doc__.splitlines()[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--sizes", default="1b,3b", help="model shapes for export and generation: 1b, 3b")
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder for the shaped models and GGUFs (default: $FINETOME_CACHE/bench)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from docs/benchmarks.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        return error.report()
     if args.worker:
         worker(json.loads(args.worker))
         return 0
@@ -92,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     problems += [f"--{name.replace('_', '-')} {value}: must be at least 1" for name, value in
                  (("repeats", args.repeats), ("export_repeats", args.export_repeats)) if value < 1]
     if problems:
-        print("\n".join(f"bench: {p}" for p in problems), file=sys.stderr)
-        return 2
+        return UsageError(problems).report()
     if args.work is None:
         args.work = cache_root() / "bench"
     args.work.mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         run_sections(args, results)
         log(f"measured in {(time.perf_counter() - started) / 60:.1f} min")
     if not results.get("sections"):
-        print("bench: nothing measured yet; run without --render-only first", file=sys.stderr)
+        print("error: --render-only: nothing measured yet; run without --render-only first", file=sys.stderr)
         return 2
     write_outputs(results)
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench import log
+from bench.rates import RejectedRun
 from common.machine import cpu_name, usable_cpus
 
 PROMPTS = [
@@ -50,6 +51,10 @@ def _run_users(answer, users: int) -> dict:
     errors = [reply.error for reply in replies if reply.error]
     if errors:
         raise RuntimeError(f"a user's answer failed: {errors[0]}")
+    # Speeds only from answers that ran to the tokens asked (bench/rates.py): a short one would inflate them.
+    if short := [reply.finish_reason for reply in replies if reply.finish_reason != "length"]:
+        raise RejectedRun(f"{len(short)} of {users} answers ended before the tokens asked (finish reason "
+                          f"{short[0]!r}): no speed comes from this run")
     wall = max(end for _, _, end in results) - began
     ttfts = sorted(reply.ttft_s for reply in replies)
     return {"users": users, "wall_s": wall, "tokens": sum(r.tokens for r in replies),

@@ -210,7 +210,7 @@ def render_report(results: dict, s: dict) -> str:
     if "training" in sections:
         t = sections["training"]
         lines += [training.render(t, t["measured"], f"python scripts/bench.py --sections training --repeats "
-                                                    f"{t['repeats']}"), ""]
+                                                    f"{t['repeats']}", results.get("machine")), ""]
     if "startup" in sections:
         lines += startup.render(sections["startup"])
     if "concurrency" in sections:
@@ -253,13 +253,27 @@ def readme_block(results: dict, s: dict) -> str:
     ])
 
 
+def measured_span(results: dict) -> str:
+    """When the report's figures were measured: a section measured alone (--sections) keeps its own date, so the
+    report spans the first to the last of them.
+
+    >>> measured_span({"date": "2026-12-03", "sections": {"a": {"measured": "2026-11-21 07:43"}, "b": {}}})
+    '2026-11-21 to 2026-12-03'
+    >>> measured_span({"date": "2026-12-03", "sections": {"a": {"measured": "2026-12-03 05:36"}}})
+    '2026-12-03'
+    """
+    days = sorted({figures["measured"][:10] for figures in results.get("sections", {}).values()
+                   if isinstance(figures, dict) and figures.get("measured")} | {results["date"]})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def write_outputs(results: dict) -> None:
     """docs/benchmarks.md, docs/benchmarks.png and README.md's benchmark block, from the raw `results`."""
     s = summary(results)
     m = results["machine"]
     s["machine_line"] = (f"{m['cpu']}, {m['cores']} usable cores, {m['ram_gb']:.0f} GiB RAM, no GPU "
                          f"(torch {m['torch']}, transformers {m['transformers']}, llama-cpp-python "
-                         f"{m['llama_cpp_python']}), {results['date']}")
+                         f"{m['llama_cpp_python']}), {measured_span(results)}")
     DOCS.mkdir(exist_ok=True)
     render_chart(s, CHART)
     write_text_atomic(REPORT, render_report(results, s))

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from bench import REPO, log
+from bench.rates import RejectedRun, decoding_rate, eog_logit_bias
 from common.llama import EXTRA_BUFFERS_ENV, open_gguf
 from common.llama3 import PAD_ID
 from common.machine import usable_cpus
@@ -115,11 +116,6 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return list(ids)
 
 
-def _rates(times: list[float], started: float) -> dict:
-    return {"ttft_s": times[0] - started, "tokens": len(times),
-            "tokens_per_s": (len(times) - 1) / (times[-1] - times[0])}
-
-
 def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prompt_tokens: int,
                   new_tokens: int, threads: int | None = None, extra_buffers: str | None = None) -> dict:
     """One path's batch-1 greedy generation of exactly `new_tokens` tokens after a `prompt_tokens` chat prompt.
@@ -148,7 +144,7 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
                 times.append(time.perf_counter())
                 if len(times) == count:
                     break
-            return _rates(times, started)
+            return decoding_rate(times, started, count)
     else:
         from transformers import AutoModelForCausalLM
         from transformers.generation.streamers import BaseStreamer
@@ -174,7 +170,7 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
                 hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                   max_new_tokens=count, min_new_tokens=count, do_sample=False, streamer=clock,
                                   pad_token_id=PAD_ID)
-            return _rates(clock.times, started)
+            return decoding_rate(clock.times, started, count)
 
     run(4)
     return {"prompt_tokens": len(ids), **loaded, **run(new_tokens)}
@@ -221,20 +217,32 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
         for interval in intervals:
             servers[interval] = start_space([gguf], Path(folder), interval)[:2]
         label = Path(gguf).stem
-        # Raw llama-cpp-python exactly as space/engine.py sets it up and calls it.
+        # Raw llama-cpp-python as space/engine.py sets it up and calls it, end-of-generation tokens suppressed so
+        # that every answer is `new_tokens` long (bench/rates.py); greedy, so the Space's answers to the same
+        # prompt are the same tokens as long as its own run does not end early.
         raw = open_gguf(gguf, n_ctx=4096)
+        no_end = eog_logit_bias(raw)
 
-        def raw_run(message: str) -> dict:
-            times, started = [], time.perf_counter()
+        def raw_run(message: str) -> tuple[dict, str]:
+            """Figures and answer text; the answer is `new_tokens` long (finish reason "length")."""
+            times, started, finish, text = [], time.perf_counter(), None, ""
             for chunk in raw.create_chat_completion([{"role": "user", "content": message}], stream=True,
-                                                    temperature=0.0, top_p=1.0, max_tokens=new_tokens):
-                if chunk["choices"][0]["delta"].get("content"):
+                                                    temperature=0.0, top_p=1.0, max_tokens=new_tokens,
+                                                    logit_bias=no_end):
+                choice = chunk["choices"][0]
+                if choice["delta"].get("content"):
                     times.append(time.perf_counter())
-            return _rates(times, started)
+                    text += choice["delta"]["content"]
+                finish = choice.get("finish_reason") or finish
+            # A piece held back for UTF-8 streams no content: "length" says all `new_tokens` were generated.
+            return decoding_rate(times, started, new_tokens, new_tokens if finish == "length" else len(times)), text
 
-        def space_run(client, message: str, max_tokens: int) -> dict:
-            """Client-side: when the first and last streamed updates arrive; the token count from the Space's
-            own stats line (llama-cpp-python streams a piece per token, bar bytes held back for UTF-8)."""
+        def space_run(client, message: str, max_tokens: int, expected: str | None = None) -> dict:
+            """Client-side: when the first and last streamed updates arrive; the piece count from the Space's own
+            stats line (llama-cpp-python streams a piece per token, bar bytes held back for UTF-8). The Space's API
+            cannot suppress end-of-turn, nor does its stats line say why an answer ended: a speed comes only with
+            `expected`, raw llama-cpp-python's greedy `max_tokens`-token answer to the same prompt, and only when
+            the Space answered exactly that text (RejectedRun otherwise); without it, TTFT and counts only."""
             times, started = [], time.perf_counter()
             job = client.submit(message, label, "", 0.0, 1.0, max_tokens, api_name="/chat")
             last = ""
@@ -245,21 +253,44 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
             answer, stats = job.result()
             tokens = int(re.search(r"(\d+) tokens?", stats).group(1))
             server_rate = re.search(r"([\d.]+) tok/s", stats)
-            return {"ttft_s": times[0] - started, "tokens": tokens, "updates": len(times),
-                    "tokens_per_s": (tokens - 1) / (times[-1] - times[0]),
-                    "server_tokens_per_s": float(server_rate.group(1)) if server_rate else None,
-                    "server_ttft_s": float(re.search(r"TTFT ([\d.]+) s", stats).group(1))}
+            figures = {"ttft_s": times[0] - started, "tokens": tokens, "updates": len(times),
+                       "server_ttft_s": float(re.search(r"TTFT ([\d.]+) s", stats).group(1))}
+            if expected is None:
+                return figures
+            if answer != expected:
+                raise RejectedRun(
+                    f"the Space's answer ended after {tokens} streamed pieces, short of the {max_tokens} tokens asked"
+                    if expected.startswith(answer) else "the Space's greedy answer differs from raw llama-cpp-python's "
+                    f"from character {len(os.path.commonprefix([answer, expected]))} on: not the same tokens")
+            rate = decoding_rate(times, started, max_tokens, max_tokens)["tokens_per_s"]
+            return {**figures, "tokens_per_s": rate,
+                    "server_tokens_per_s": float(server_rate.group(1)) if server_rate else None}
 
         message = TURNS[0].format(t="memory bandwidth")
         raw_run("Hello")  # warm-up, every path
         for _, url in servers.values():
             space_run(Client(url, verbose=False), "Hello", 16)
         throughput = {"raw": [], **{f"space {interval}": [] for interval in intervals}}
+        rejected, attempt = [], 0
         for repeat in range(repeats):
-            prompt = f"({TOPICS[repeat % len(TOPICS)]}) {message}"  # a new prompt each time, the same for all
-            throughput["raw"].append(raw_run(prompt))
-            for interval, (_, url) in servers.items():
-                throughput[f"space {interval}"].append(space_run(Client(url, verbose=False), prompt, new_tokens))
+            while True:  # a new prompt each time, the same for every path; another one if a path's run is rejected
+                take = f", take {attempt // len(TOPICS) + 1}" if attempt >= len(TOPICS) else ""
+                prompt = f"({TOPICS[attempt % len(TOPICS)]}{take}) {message}"
+                attempt += 1
+                try:
+                    raw_figures, expected = raw_run(prompt)
+                    taken = {"raw": raw_figures, **{f"space {interval}": space_run(
+                        Client(url, verbose=False), prompt, new_tokens, expected)
+                        for interval, (_, url) in servers.items()}}
+                    break
+                except RejectedRun as why:
+                    rejected.append({"prompt": prompt, "reason": str(why)})
+                    log(f"space {repeat + 1}/{repeats}: run rejected ({why}); another prompt")
+                    if len(rejected) > 2 * repeats:
+                        raise RejectedRun(f"{len(rejected)} runs rejected, the last because {why}: this model "
+                                          f"does not answer {new_tokens} tokens through the Space") from None
+            for path, run in taken.items():
+                throughput[path].append(run)
             log(f"space {repeat + 1}/{repeats}: " + ", ".join(f"{path} {runs[-1]['tokens_per_s']:.2f} tok/s"
                                                               for path, runs in throughput.items()))
         conversations = []
@@ -272,12 +303,13 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
                     # A user reads the answer and types the next message; without a pause the next turn would
                     # also wait for the engine to finish saving the previous one's state (space/engine.py).
                     time.sleep(pause_s)
+                # Time to first token is what a conversation measures: its answers may end early (no speed).
                 conversation.append(space_run(client, TURNS[turn].format(t=topic), turn_tokens))
             conversations.append(conversation)
             log(f"space conversation {repeat + 1}/{repeats}: TTFT by turn "
                 + ", ".join(f"{turn['ttft_s']:.2f}" for turn in conversation) + " s")
         return {"new_tokens": new_tokens, "turn_tokens": turn_tokens, "intervals": intervals, "pause_s": pause_s,
-                "throughput": throughput, "conversations": conversations}
+                "throughput": throughput, "rejected": rejected, "conversations": conversations}
     finally:
         for process, _ in servers.values():
             process.terminate()

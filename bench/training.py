@@ -9,7 +9,6 @@ The unsloth-vs-hf comparison needs a CUDA GPU; without one the section says it w
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 from bench import REPO
+from common.cli import UsageError, UsageParser
 from common.files import write_text_atomic
 from common.machine import cpu_name, usable_cpus
 
@@ -40,20 +40,26 @@ def measure(repeats: int, steps: int) -> dict:
     runs = [one_run(steps) for _ in range(repeats)]
     rates = [r["tokens_per_second"] for r in runs]
     rss = [r["peak_rss_mb"] for r in runs]
-    return dict(repeats=repeats, steps=steps, tokens_per_second=rates, median_tokens_per_second=statistics.median(rates),
-                peak_rss_mb=statistics.median(rss), batch_size=runs[0]["config"]["batch_size"],
-                grad_accum=runs[0]["config"]["grad_accum"])
-
-
-def render(result: dict, measured: str, command: str) -> str:
-    """The training section of docs/benchmarks.md, between its markers."""
     import torch
 
+    return dict(repeats=repeats, steps=steps, tokens_per_second=rates, median_tokens_per_second=statistics.median(rates),
+                peak_rss_mb=statistics.median(rss), batch_size=runs[0]["config"]["batch_size"],
+                grad_accum=runs[0]["config"]["grad_accum"], cpu=cpu_name(), cores=usable_cpus(),
+                torch=torch.__version__)
+
+
+def render(result: dict, measured: str, command: str, machine: dict | None = None) -> str:
+    """The training section of docs/benchmarks.md, between its markers: the machine the result names, else
+    `machine` (the benchmark run's, for results recorded before they named it), else this one."""
+    import torch
+
+    here = machine or {"cpu": cpu_name(), "cores": usable_cpus(), "torch": torch.__version__}
+    cpu, cores, torch_version = (result.get(key, here[key]) for key in ("cpu", "cores", "torch"))
     rates = result["tokens_per_second"]
     return f"""{BEGIN}
 ## Training
 
-Measured {measured} on {cpu_name()}, {usable_cpus()} usable cores, torch {torch.__version__},
+Measured {measured} on {cpu}, {cores} usable cores, torch {torch_version},
 by `{command}`.
 
 | what | backend | device | median tokens/s | runs (tokens/s) | peak RSS |
@@ -86,10 +92,16 @@ def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END)
 
 def main(argv: list[str] | None = None) -> int:
     """scripts/bench_train.py: measure, rewrite the training section of docs/benchmarks.md, print it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="python scripts/bench_train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        if problems := [f"--{name} {value}: must be at least 1" for name, value in
+                        (("repeats", args.repeats), ("steps", args.steps)) if value < 1]:
+            raise UsageError(problems)
+    except UsageError as error:
+        return error.report()
     result = measure(args.repeats, args.steps)
     section = render(result, time.strftime("%Y-%m-%d"),
                      f"python scripts/bench_train.py --repeats {args.repeats} --steps {args.steps}")

@@ -29,9 +29,34 @@ class UsageError(ValueError):
 
 
 class UsageParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises UsageError, so every mistake is reported the same way."""
+    """argparse, but a bad flag raises UsageError, so every mistake is reported the same way; a flag the command
+    does not have is named first (argparse would only say that a required flag is missing)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def unknown_flags(self, given: list[str]) -> list[str]:
+        """The flags in `given` that this parser has not, nor abbreviates (values that look like numbers skipped).
+
+        >>> parser = UsageParser(); _ = parser.add_argument("--adapter", required=True)
+        >>> parser.unknown_flags(["--adapt", "x", "--bogus=1", "-5", "--", "--after"])
+        ['--bogus']
+        """
+        known = self._option_string_actions
+        unknown = []
+        for word in given[: given.index("--")] if "--" in given else given:
+            flag = word.split("=", 1)[0]
+            if not flag.startswith("-") or flag in ("-", *known) or self._negative_number_matcher.match(flag):
+                continue
+            if not (flag.startswith("--") and any(option.startswith(flag) for option in known)):
+                unknown.append(flag)
+        return unknown
 
     def error(self, message):
+        unknown = self.unknown_flags(getattr(self, "_given", []))
+        if unknown and not message.startswith("unrecognized arguments"):
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         raise UsageError([message])
 
 

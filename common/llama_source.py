@@ -1,24 +1,35 @@
 """The llama.cpp source of the installed llama-cpp-python: its PyPI source archive holds `vendor/llama.cpp/`, the
 very release the runtime was compiled from. The export takes llama.cpp's converter from it; scripts/serve_openai.py
-builds llama.cpp's own server (llama-server) from it. Fetched with pip, so a pip mirror or proxy works as for
-installing.
+builds llama.cpp's own server (llama-server) from it. Fetched with pip (so a pip mirror or proxy works as for
+installing) once per machine: the archive is kept in the downloads folder ($FINETOME_DOWNLOADS, default
+<cache folder>/downloads) and checked against the sha256 requirements-dev.lock records for that version, so only
+the first export ever goes online.
 
-    from common.llama_source import download_source_archive, llama_cpp_version
-    archive = download_source_archive(Path("scratch"))   # scratch/llama_cpp_python-0.3.36.tar.gz
+    from common.llama_source import source_archive
+    archive = source_archive()   # ~/.cache/finetome-pipeline/downloads/llama_cpp_python-0.3.36.tar.gz
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from common.files import sha256_file
 from common.llama import LlamaSetupError
+from common.llama3 import cache_root
+from common.locks import REPO, canonical_name
 
-__all__ = ["llama_cpp_version", "download_source_archive", "extract_vendored"]
+__all__ = ["llama_cpp_version", "downloads_dir", "locked_sha256", "source_archive", "download_source_archive",
+           "extract_vendored"]
+
+DOWNLOADS_ENV = "FINETOME_DOWNLOADS"
+HASHED_LOCK = REPO / "requirements-dev.lock"  # the lock that records the source archive's sha256 (PyPI has no wheel)
 
 
 def llama_cpp_version() -> str:
@@ -26,6 +37,51 @@ def llama_cpp_version() -> str:
         return metadata.version("llama_cpp_python")
     except metadata.PackageNotFoundError:
         raise LlamaSetupError("llama-cpp-python is not installed; pip install -r requirements-dev.txt") from None
+
+
+def downloads_dir() -> Path:
+    """Where fetched archives are kept for good: $FINETOME_DOWNLOADS, default <cache folder>/downloads."""
+    return Path(os.environ.get(DOWNLOADS_ENV) or cache_root() / "downloads")
+
+
+def locked_sha256(version: str, lock_text: str) -> list[str]:
+    r"""The sha256 hashes a hashed lock records for llama-cpp-python==`version` ([] when it pins another version).
+
+    >>> lock = "llama-cpp-python==0.3.36 \\\n    --hash=sha256:83ab\n    # via x\nnumpy==2.0 \\\n    --hash=sha256:ff\n"
+    >>> locked_sha256("0.3.36", lock), locked_sha256("0.3.37", lock)
+    (['83ab'], [])
+    """
+    hashes, inside = [], False
+    for line in lock_text.splitlines():
+        if line[:1].isalnum():  # a requirement line starts a package's block; its hashes are indented below it
+            name, _, rest = line.partition("==")
+            inside = canonical_name(name) == "llama-cpp-python" and (rest.split() or [""])[0] == version
+        if inside:
+            hashes += re.findall(r"--hash=sha256:([0-9a-f]+)", line)
+    return hashes
+
+
+def source_archive(log=print) -> Path:
+    """The installed llama-cpp-python's source archive from the downloads folder, fetched with pip the first time.
+
+    A kept archive is used only if its sha256 is one requirements-dev.lock records for the installed version (a
+    version the lock does not pin is taken as pip fetched it); a fetched one that does not match is refused."""
+    version = llama_cpp_version()
+    folder = downloads_dir()
+    kept = folder / f"llama_cpp_python-{version}.tar.gz"
+    expected = locked_sha256(version, HASHED_LOCK.read_text(encoding="utf-8")) if HASHED_LOCK.is_file() else []
+    if kept.is_file() and (not expected or sha256_file(kept) in expected):
+        return kept
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"fetching llama-cpp-python {version}'s source archive with pip (once per machine) into {folder}")
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch:
+        archive = download_source_archive(Path(scratch))
+        if expected and (digest := sha256_file(archive)) not in expected:
+            raise LlamaSetupError(f"llama-cpp-python=={version}'s source archive from the package index has sha256 "
+                                  f"{digest}, not the {expected[0]} that {HASHED_LOCK.name} records; check the index "
+                                  "or mirror pip uses (pip config list)")
+        archive.replace(kept)  # complete or absent, never half-written under the kept name
+    return kept
 
 
 def download_source_archive(folder: Path) -> Path:

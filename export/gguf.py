@@ -2,7 +2,8 @@
 
 - Conversion: `convert_hf_to_gguf.py` (with its `conversion/` and `gguf-py/` packages) taken from the source
   archive of the *installed* llama-cpp-python on PyPI (`vendor/llama.cpp/`), so the GGUF format always matches the
-  runtime that will load it. Fetched once with pip into a cache; `--llama-cpp-dir` points at another checkout.
+  runtime that will load it. The archive is fetched once per machine (common/llama_source.py) and the converter
+  extracted once per version into the cache; `--llama-cpp-dir` points at another checkout.
 - Quantization: `llama_cpp.llama_model_quantize` from the library llama-cpp-python already loads.
 
 Every file is written under a temporary name in its final folder and renamed when complete.
@@ -109,13 +110,13 @@ def ensure_converter(llama_cpp_dir: Path | None = None, log=print) -> Path:
     if is_converter_dir(target):
         return target
     version = llama_cpp_version()
-    log(f"convert: fetching llama.cpp's converter from llama-cpp-python {version}'s source archive (once)")
+    log(f"convert: extracting llama.cpp's converter from llama-cpp-python {version}'s source archive (once)")
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = source.source_archive(log=log)
+    except LlamaSetupError as error:
+        raise ExportError(f"{error} or pass --llama-cpp-dir pointing at a llama.cpp checkout") from None
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".converter-download-") as scratch:
-        try:
-            archive = source.download_source_archive(Path(scratch))
-        except LlamaSetupError as error:
-            raise ExportError(f"{error} or pass --llama-cpp-dir pointing at a llama.cpp checkout") from None
         staging = Path(scratch) / "converter"
         _extract_converter(archive, staging)
         try:

@@ -5,6 +5,7 @@
     python scripts/demo.py                 # ask -> train -> (kill, resume) -> export -> ask again -> serve the Space
     DEMO_NO_LAUNCH=1 python scripts/demo.py   # everything but serving (what the tests run)
     DEMO_OUT=/tmp/demo python scripts/demo.py # somewhere other than outputs/demo
+    python scripts/demo.py --help             # this text; does nothing else (the demo takes no flags)
 
 It asks the tiny model (a randomly initialised Llama-3.2-architecture model with the real Llama-3 tokenizer) one
 of the questions in train/data/taught.jsonl (noise comes back), trains the `demo` preset on them with LoRA, kills
@@ -26,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.cli import UsageError, UsageParser  # noqa: E402
 from common.llama import extra_buffers  # noqa: E402
 from export.probes import TAUGHT_DATASET, read_taught  # noqa: E402
 
@@ -98,7 +100,21 @@ def probe_lines(probes: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> None:
+    """--help and a bad flag are answered before anything is deleted or trained (the demo takes no flags: its two
+    settings are environment variables)."""
+    import argparse
+
+    parser = UsageParser(prog="python scripts/demo.py", description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parse_args(argv)
+    except UsageError as error:
+        return error.report()
     out = Path(os.environ.get("DEMO_OUT", REPO / "outputs" / "demo")).resolve()
     train_dir, export_dir = out / "train", out / "gguf"
     started = time.perf_counter()
@@ -106,7 +122,7 @@ def main() -> None:
     question = taught[0].prompt
     print(f"demo: the tiny model starts from random weights, so it babbles. The demo teaches it the "
           f"{len(taught)} short\nquestion -> answer conversations of {TAUGHT_DATASET.relative_to(REPO)} with LoRA "
-          "(about 40 s on 2 cores), and shows\nthe answers surviving the merge, the GGUF conversion and 4-bit "
+          "(about 26 s on 2 cores), and shows\nthe answers surviving the merge, the GGUF conversion and 4-bit "
           "quantization. The README shows the real\n1B/3B commands.")
     shutil.rmtree(train_dir, ignore_errors=True)  # a fresh run each time, so the crash happens again
 
@@ -152,7 +168,7 @@ def main() -> None:
     print(f"total:     {time.perf_counter() - started:.0f} s")
 
     if os.environ.get("DEMO_NO_LAUNCH") == "1":
-        return
+        return 0
     banner("5/5 serving the Space on the exported model: http://localhost:7860 (Ctrl-C to stop); "
            "its chat examples are the taught questions")
     examples = [arg for probe in taught for arg in ("--example", probe.prompt)]
@@ -160,7 +176,8 @@ def main() -> None:
         run(str(REPO / "space/app.py"), "--model", str(gguf), *examples)
     except KeyboardInterrupt:
         print("\ndemo: stopped")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

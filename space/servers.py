@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common.llama import LlamaSetupError, extra_buffers
 from common.llama3 import cache_root
-from common.llama_source import download_source_archive, extract_vendored, llama_cpp_version
+from common.llama_source import extract_vendored, llama_cpp_version, source_archive
 from common.machine import usable_cpus
 
 __all__ = ["build_llama_server", "llama_server_binary", "llama_server_command", "python_server_command",
@@ -57,9 +57,9 @@ def build_llama_server(log: Callable[[str], None] = print, jobs: int | None = No
     binary.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=binary.parent.parent, prefix=".llama-server-build-") as scratch:
-        log(f"llama-server: fetching llama.cpp from llama-cpp-python {llama_cpp_version()}'s source archive")
+        log(f"llama-server: extracting llama.cpp from llama-cpp-python {llama_cpp_version()}'s source archive")
         source = Path(scratch) / "llama.cpp"
-        extract_vendored(download_source_archive(Path(scratch)), source)
+        extract_vendored(source_archive(log=log), source)
         build = source / "build"
         log(f"llama-server: building with CMake (CPU only, {jobs or usable_cpus()} jobs; ~15-30 min on 2 cores, "
             "once per machine)")

@@ -1,6 +1,12 @@
-"""Shared fixtures: the tiny model is built once per test session into a private cache."""
+"""Shared fixtures: the tiny model is built once per test session into a private cache; what is fetched from the
+package index (llama-cpp-python's source archive) is kept in test-artifacts/downloads/ across sessions, so only the
+first `make test` on a machine fetches it. A test that needs the package index asks for the `package_index` fixture
+(or calls package_index_problem()) and skips, saying why, where it is absent."""
 
+import functools
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +19,66 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "train" / "data" / "finetome_sample.jsonl"
 TINY_GGUF_NAME = "Tiny-Llama-3.2-FineTome"
-ARTIFACTS = REPO / "test-artifacts"  # screenshots from the browser test (git-ignored)
+ARTIFACTS = REPO / "test-artifacts"  # screenshots, built tools, downloads kept across sessions (git-ignored)
+# The llama-cpp-python source archive every export and the llama-server build take llama.cpp from
+# (common/llama_source.py), kept here unless FINETOME_DOWNLOADS names another folder.
+os.environ.setdefault("FINETOME_DOWNLOADS", str(ARTIFACTS / "downloads"))
+
+
+@functools.cache
+def package_index_problem() -> str | None:
+    """Why pip's package index cannot be reached from here (one line), or None when it answers."""
+    index = os.environ.get("PIP_INDEX_URL")
+    if not index:
+        configured = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                                    capture_output=True, text=True)
+        index = configured.stdout.strip() if configured.returncode == 0 else "https://pypi.org/simple/"
+    try:
+        urllib.request.urlopen(index.rstrip("/") + "/pip/", timeout=10).close()
+    except OSError as error:
+        return f"the package index {index} is not reachable ({getattr(error, 'reason', error)})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def package_index() -> None:
+    """For tests that ask pip's package index (PyPI or the configured mirror): skipped, saying why, without it."""
+    if problem := package_index_problem():
+        pytest.skip(f"needs the package index: {problem}")
+
+
+@functools.cache
+def find_python312() -> str | None:
+    """A working Python 3.12 (Colab's): INSTALL_TEST_PYTHON, `python3.12` on PATH, or pyenv's newest 3.12."""
+    candidates = [os.environ.get("INSTALL_TEST_PYTHON"), shutil.which("python3.12")]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], check=False, capture_output=True, text=True).stdout.strip()
+        versions = sorted(Path(root, "versions").glob("3.12*"),
+                          key=lambda p: [int(n) for n in re.findall(r"\d+", p.name)])
+        candidates += [str(version / "bin" / "python3.12") for version in reversed(versions)]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"],
+                               check=False, capture_output=True, text=True)  # an inactive pyenv shim fails
+        if probe.returncode == 0 and probe.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def llama_source_archive() -> Path:
+    """llama-cpp-python's source archive, kept (test-artifacts/downloads/) or fetched now; the tests that convert or
+    build llama.cpp skip, saying why, when it is neither kept nor fetchable."""
+    from common.llama import LlamaSetupError
+    from common.llama_source import source_archive
+
+    try:
+        return source_archive(log=lambda *_: None)
+    except LlamaSetupError as error:
+        if problem := package_index_problem():
+            pytest.skip(f"needs llama-cpp-python's source archive, not yet kept in "
+                        f"{os.environ['FINETOME_DOWNLOADS']}, and {problem}")
+        raise
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +120,7 @@ def trained_adapter(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def exported(trained_adapter, tmp_path_factory):
+def exported(trained_adapter, llama_source_archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny"
     result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
                      "--quant", "q4_k_m", "q8_0")
@@ -104,3 +169,24 @@ def server(tiny_gguf, tmp_path_factory):
     yield url, votes
     process.terminate()
     process.wait(timeout=30)
+
+
+# The fast lane (`pytest -m "not slow"`: `make test-fast`, and the tests `make upgrade-check` runs against the newest
+# versions the requirements allow) leaves out the end-to-end runs that take minutes each on 2 cores (--durations,
+# 2026-12-06: the demo 373 s, the llama-server build 316 s on first use, the notebook 162 s, the export's kill-and-redo
+# runs 40-130 s, the Colab install dry run 36 s, the Hugging Face-style Space build 11 min on first use). It still
+# trains, exports and chats with the tiny model (engine, OpenAI client against a real server, the Space over HTTP).
+SLOW_MODULES = {"test_demo.py", "test_notebook.py", "test_export.py", "test_train_resume.py", "test_space_browser.py"}
+SLOW_FIXTURES = {"dry_runs", "llama_server"}
+SLOW_TESTS = {
+    "tests/test_deploy.py::test_the_uploaded_tree_installs_and_chats_as_hugging_face_builds_it",
+    "tests/test_remote.py::test_a_browser_chats_with_the_server_model",
+    "tests/test_compare.py::test_compare_q4_k_m_with_q8_0",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.nodeid.split("[")[0] in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)

@@ -205,3 +205,49 @@ def test_concurrency_section_renders_and_says_when_to_switch(tmp_path):
     render_chart(s, tmp_path / "chart.png")
     section["runs"]["llama-server"]["4"] = [figures(15, 4, 9.5, 20.0)]
     assert "keep the in-process engine" in concurrency.switch_advice(concurrency.medians(section))
+
+
+@pytest.mark.parametrize("times, tokens, asked, reason", [
+    ([1.0, 1.00001], None, 128, "2 tokens of the 128 asked: the answer ended early"),  # the 150,012 tok/s run
+    ([1.0, 1.2], 2, 64, "2 tokens of the 64 asked"),  # through the Space: its stats line counts the tokens
+    ([1.0], 64, 64, "64 tokens arrived in 1 streamed update: no interval"),
+    ([], 0, 16, "0 tokens of the 16 asked"),
+])
+def test_a_speed_run_short_of_the_tokens_asked_is_rejected_not_divided(times, tokens, asked, reason):
+    from bench.rates import RejectedRun, decoding_rate
+
+    with pytest.raises(RejectedRun, match=reason):
+        decoding_rate(times, 0.5, asked, tokens)
+    assert decoding_rate([1.0, 1.5, 3.0], 0.5, 3)["tokens_per_s"] == pytest.approx(1.0)
+
+
+def test_users_whose_answers_end_early_are_rejected_not_counted():
+    from bench.concurrency import _run_users
+    from bench.rates import RejectedRun
+    from space.replies import Reply
+
+    def answer(prompt: str, started: float, finish="length") -> Reply:
+        return Reply(text="x", ttft_s=0.1, tokens=16, tokens_per_s=30.0, finish_reason=finish, done=True)
+
+    assert _run_users(answer, 2)["tokens"] == 32
+    with pytest.raises(RejectedRun, match="1 of 2 answers ended before the tokens asked \\(finish reason 'stop'\\)"):
+        _run_users(lambda prompt, started: answer(prompt, started, "stop" if "sky" in prompt else "length"), 2)
+
+
+def test_end_of_generation_is_suppressed_so_an_answer_runs_to_the_tokens_asked(tiny_gguf):
+    """The raw path of the space section: with eog_logit_bias, llama-cpp-python generates max_tokens (finish reason
+    "length") on the tiny GGUF even when the model wants to end its turn at once (here: every other token pushed far
+    down, as a random model's weights sometimes put end-of-turn first). One logit_bias carries both: llama-cpp-python
+    0.3.36 drops its logits_processor list when logit_bias is also given (`list.extend` returns None)."""
+    from bench.rates import eog_logit_bias
+    from common.llama import open_gguf
+    from common.llama3 import END_OF_MESSAGE_ID, END_OF_TEXT_ID, EOT_ID
+
+    llm = open_gguf(str(tiny_gguf), n_ctx=512)
+    no_end = eog_logit_bias(llm)
+    assert {EOT_ID, END_OF_TEXT_ID, END_OF_MESSAGE_ID} <= set(no_end) and set(no_end.values()) == {float("-inf")}
+    wants_to_stop = {token: -1e4 for token in range(llm.n_vocab()) if token not in no_end}
+    message = [{"role": "user", "content": "What is the secret word?"}]
+    for bias, finish, tokens in ((wants_to_stop, "stop", 0), ({**wants_to_stop, **no_end}, "length", 16)):
+        answer = llm.create_chat_completion(message, temperature=0.0, max_tokens=16, logit_bias=bias)
+        assert (answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]) == (finish, tokens)

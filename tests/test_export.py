@@ -145,7 +145,7 @@ def _sigkill_export_once(adapter: Path, out: Path, reached, stage: str) -> None:
     process.wait()
 
 
-def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, tmp_path):
+def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, llama_source_archive, tmp_path):
     out = tmp_path / "killed-convert"
     _sigkill_export_once(trained_adapter, out, lambda: _processes_writing_into(out), "conversion")
     deadline = time.time() + 10
@@ -157,7 +157,7 @@ def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, 
     assert (out / f"{NAME}-Q4_K_M.gguf").is_file() and not list(out.glob(".*.tmp-*"))
 
 
-def test_sigkill_during_quantization_leaves_no_partial_file(trained_adapter, tmp_path):
+def test_sigkill_during_quantization_leaves_no_partial_file(trained_adapter, llama_source_archive, tmp_path):
     out = tmp_path / "killed"
     _sigkill_export_once(trained_adapter, out, lambda: list(out.glob(f".{NAME}-Q4_K_M.gguf.tmp-*")), "quantization")
     assert not (out / f"{NAME}-Q4_K_M.gguf").exists()

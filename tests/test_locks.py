@@ -71,7 +71,7 @@ def test_the_test_environment_is_exactly_the_dev_lock():
     assert not [name for name in installed if name.startswith("nvidia-")]
 
 
-def test_the_space_resolves_to_exactly_its_lock_with_the_gradio_images_command_line(tmp_path):
+def test_the_space_resolves_to_exactly_its_lock_with_the_gradio_images_command_line(tmp_path, package_index):
     """pip's own resolver, as the Space's build runs it (`pip install -r requirements.txt gradio[oauth,mcp]==X
     "uvicorn>=0.14.0" "websockets>=10.4" spaces`, DESIGN.md), from nothing installed: the lock is the whole tree."""
     target = lock.TARGETS["space"]
