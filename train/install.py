@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import EXIT_INTERRUPTED, UsageError, UsageParser, report_problem
-from common.locks import read_pins
+from common.locks import canonical_name, read_pins
 
 # The release of each compiled companion built against each torch release: what keeps their kernels loadable.
 # xformers: unsloth 2026.10.9's own `cu126onlytorch*` extras (the mapping its Colab notebooks use), each checked
@@ -99,15 +99,6 @@ class Plan:
     why: str
     keeps_torch: bool
     files: dict[Path, str] = field(default_factory=dict)  # written before the steps run (derived constraints)
-
-
-def canonical_name(name: str) -> str:
-    """A distribution name as pip compares them (PEP 503).
-
-    >>> canonical_name("unsloth_zoo"), canonical_name("Nest.Asyncio")
-    ('unsloth-zoo', 'nest-asyncio')
-    """
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def requirement_name(line: str) -> str:
