@@ -36,7 +36,8 @@ def llama_cpp_version() -> str:
     try:
         return metadata.version("llama_cpp_python")
     except metadata.PackageNotFoundError:
-        raise LlamaSetupError("llama-cpp-python is not installed; pip install -r requirements-dev.txt") from None
+        raise LlamaSetupError("llama-cpp-python is not installed: after training, `python scripts/install_train.py` "
+                              "installs the export's packages; in a checkout for the tests, `make venv`") from None
 
 
 def downloads_dir() -> Path:

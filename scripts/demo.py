@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     question = taught[0].prompt
     print(f"demo: the tiny model starts from random weights, so it babbles. The demo teaches it the "
           f"{len(taught)} short\nquestion -> answer conversations of {TAUGHT_DATASET.relative_to(REPO)} with LoRA "
-          "(about 26 s on 2 cores), and shows\nthe answers surviving the merge, the GGUF conversion and 4-bit "
+          "(about 29 s on 2 cores), and shows\nthe answers surviving the merge, the GGUF conversion and 4-bit "
           "quantization. The README shows the real\n1B/3B commands.")
     shutil.rmtree(train_dir, ignore_errors=True)  # a fresh run each time, so the crash happens again
 

@@ -16,7 +16,7 @@ history → messages (space/history.py), the prompt's tokens and the saved promp
 
 Memory: the models, their contexts, and per model at most `cache_bytes` of saved prompt states ($SPACE_CACHE_MB
 MiB, default 512). With a 1B and a 3B model that is the GGUFs (about 0.8 and 2.0 GB), their 4,096-token KV caches
-(128 and 448 MiB) and at most 2 × 512 MiB of states: a fraction of a free Space's 16 GB. memory_line() reports
+(128 and 448 MiB) and at most 2 × 512 MiB of states: a fraction of a cpu-basic Space's 16 GB. memory_line() reports
 it for the Space's log.
 """
 
