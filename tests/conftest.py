@@ -32,7 +32,11 @@ def package_index_problem() -> str | None:
     if not index:
         configured = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
                                     capture_output=True, text=True)
-        index = configured.stdout.strip() if configured.returncode == 0 else "https://pypi.org/simple/"
+        index = configured.stdout.strip() if configured.returncode == 0 else None
+    if not index:
+        from pip._internal.models.index import PyPI  # pip's own default index, as pip itself would ask it
+
+        index = PyPI.simple_url
     try:
         urllib.request.urlopen(index.rstrip("/") + "/pip/", timeout=10).close()
     except OSError as error:
