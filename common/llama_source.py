@@ -23,7 +23,7 @@ from pathlib import Path
 from common.files import sha256_file
 from common.llama import LlamaSetupError
 from common.llama3 import cache_root
-from common.locks import REPO, canonical_name
+from common.locks import REPO, blocks, read_pins
 
 __all__ = ["llama_cpp_version", "downloads_dir", "locked_sha256", "source_archive", "download_source_archive",
            "extract_vendored"]
@@ -52,14 +52,9 @@ def locked_sha256(version: str, lock_text: str) -> list[str]:
     >>> locked_sha256("0.3.36", lock), locked_sha256("0.3.37", lock)
     (['83ab'], [])
     """
-    hashes, inside = [], False
-    for line in lock_text.splitlines():
-        if line[:1].isalnum():  # a requirement line starts a package's block; its hashes are indented below it
-            name, _, rest = line.partition("==")
-            inside = canonical_name(name) == "llama-cpp-python" and (rest.split() or [""])[0] == version
-        if inside:
-            hashes += re.findall(r"--hash=sha256:([0-9a-f]+)", line)
-    return hashes
+    return [digest for name, lines in blocks(lock_text)
+            if name == "llama-cpp-python" and read_pins(lines[0]).get(name) == version
+            for digest in re.findall(r"--hash=sha256:([0-9a-f]+)", "\n".join(lines))]
 
 
 def source_archive(log=print) -> Path:

@@ -60,6 +60,21 @@ def requirement_lines(text: str) -> str:
     return "".join(f"{line}\n" for line in lines if line and not line.startswith("#"))
 
 
+def blocks(text: str) -> list[tuple[str, list[str]]]:
+    r"""A lock (uv's output) as (canonical name, its lines): a pin line, then the indented hash and `# via` lines.
+
+    >>> blocks("# header\nsix==1.17.0 \\\n    --hash=sha256:ab\n    # via x\nNumPy==2.0\n")
+    [('six', ['six==1.17.0 \\', '    --hash=sha256:ab', '    # via x']), ('numpy', ['NumPy==2.0'])]
+    """
+    found = []
+    for line in text.splitlines():
+        if line[:1].isalnum():
+            found.append((canonical_name(line.split("==")[0].split("[")[0]), [line]))
+        elif found:
+            found[-1][1].append(line)
+    return found
+
+
 def inputs_digest(*parts: str) -> str:
     """sha256 over the texts a lock is resolved from, each part's own length first so no two splits collide.
 
