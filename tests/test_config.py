@@ -20,7 +20,9 @@ def test_defaults_follow_unsloths_llama_3_2_recipe():
     assert config.dataset == "mlabonne/FineTome-100k"
 
 
-@pytest.mark.parametrize("name", available_presets())
+# The *-dpo presets start from a finished SFT run, which exists only after one: tests/test_preferences.py gives them
+# an adapter folder.
+@pytest.mark.parametrize("name", [name for name in available_presets() if not name.endswith("-dpo")])
 def test_every_preset_loads_and_validates(name):
     config = TrainConfig(**load_preset(name))
     assert config.max_steps >= 1

@@ -4,7 +4,7 @@
     hf       transformers + PEFT (anywhere): fp32 on CPU, bf16/fp16 on CUDA, optional bitsandbytes 4-bit.
 
 Both hand the same thing to TRL's SFTTrainer (a PEFT model and a tokenizer) and both save the same PEFT
-adapter. Backends register themselves by name and import their libraries only when used, so importing
+adapter; for DPO (train/dpo.py) each also loads a finished SFT adapter, trainable, for TRL's DPOTrainer. Backends register themselves by name and import their libraries only when used, so importing
 anything under train/ on a CPU machine never imports unsloth.
 """
 
@@ -38,12 +38,24 @@ class Backend:
     name: str
     load: Callable[[TrainConfig, str], Loaded]  # (config, resolved model name or path) -> Loaded
     optimizer: Callable[[TrainConfig], str]  # TrainingArguments.optim for this backend
+    # DPO: (config, model path, SFT adapter folder) -> Loaded whose model is the base with the SFT adapter, trainable,
+    # as PEFT's "default" adapter (TRL's DPOTrainer adds the frozen "ref" copy itself).
+    load_dpo: Callable[[TrainConfig, str, Path], Loaded] | None = None
 
 
 def register(name: str, optimizer: Callable[[TrainConfig], str]):
     def wrap(load):
         BACKENDS[name] = Backend(name, load, optimizer)
         return load
+
+    return wrap
+
+
+def register_dpo(name: str):
+    """The DPO loader of an already registered backend."""
+    def wrap(load_dpo):
+        BACKENDS[name].load_dpo = load_dpo
+        return load_dpo
 
     return wrap
 
@@ -163,10 +175,11 @@ def _ensure_chat_template(tokenizer) -> None:
         tokenizer.eos_token = EOT
 
 
-@register("hf", optimizer=_default_optimizer)
-def load_hf(config: TrainConfig, model_path: str) -> Loaded:
+def _hf_base(config: TrainConfig, model_path: str, tokenizer_path: str):
+    """The base model as transformers loads it here (dtype, optional 4-bit, one GPU per process) and its tokenizer,
+    ready for a LoRA adapter (gradient checkpointing, k-bit preparation)."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     has_cuda = torch.cuda.is_available()
@@ -185,7 +198,7 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
         # its own device (LOCAL_RANK), as TRL's get_kbit_device_map does; alone, that is GPU 0.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     _ensure_chat_template(tokenizer)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
@@ -193,6 +206,15 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    return model, tokenizer, dtype
+
+
+@register("hf", optimizer=_default_optimizer)
+def load_hf(config: TrainConfig, model_path: str) -> Loaded:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer, dtype = _hf_base(config, model_path, model_path)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -205,6 +227,16 @@ def load_hf(config: TrainConfig, model_path: str) -> Loaded:
     # LoRA A is drawn from the global RNG: seed it so the adapter's start is reproducible.
     torch.manual_seed(config.seed)
     model = get_peft_model(model, lora)
+    return Loaded(model, tokenizer, dtype, _device_name(), model_path)
+
+
+@register_dpo("hf")
+def load_hf_dpo(config: TrainConfig, model_path: str, sft_adapter: Path) -> Loaded:
+    from peft import PeftModel
+
+    # The tokenizer the SFT run saved with its adapter: the same chat template and special tokens it trained with.
+    model, tokenizer, dtype = _hf_base(config, model_path, str(sft_adapter))
+    model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)  # PEFT names it "default"
     return Loaded(model, tokenizer, dtype, _device_name(), model_path)
 
 
@@ -239,6 +271,31 @@ def load_unsloth(config: TrainConfig, model_path: str) -> Loaded:
         use_rslora=config.use_rslora,
         loftq_config=None,
     )
+    return Loaded(model, tokenizer, dtype, _device_name(), model_path)
+
+
+@register_dpo("unsloth")
+def load_unsloth_dpo(config: TrainConfig, model_path: str, sft_adapter: Path) -> Loaded:
+    """Unsloth's DPO path (its notebooks': PatchDPOTrainer, then the LoRA folder loaded by FastLanguageModel, which
+    reads the base from the adapter's config). Not run in this project's CI: it needs a CUDA GPU."""
+    try:
+        import unsloth  # noqa: F401
+        from unsloth import FastLanguageModel
+    except Exception as error:
+        raise UsageError([f"--backend unsloth: importing unsloth failed ({type(error).__name__}: {first_line(error)}); "
+                          "reinstall with the project's install step for this machine, or use --backend hf"]) from error
+    patch = getattr(unsloth, "PatchDPOTrainer", None)  # older unsloth releases need it before DPOTrainer exists
+    if patch is not None:
+        patch()
+    dtype = compute_dtype(config.dtype, capability=cuda_capability())
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(sft_adapter), max_seq_length=config.max_prompt_length + config.max_answer_length,
+        dtype=_torch_dtype(dtype), load_in_4bit=config.load_in_4bit,
+    )
+    _ensure_chat_template(tokenizer)
+    for name, parameter in model.named_parameters():  # the SFT adapter is the policy: trainable
+        if "lora_" in name and ".default." in name:
+            parameter.requires_grad_(True)
     return Loaded(model, tokenizer, dtype, _device_name(), model_path)
 
 

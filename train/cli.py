@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(argv)
     except UsageError as e:
         return e.report()
-    from .trainer import run  # heavy imports only once the config is known to be good
+    if config.stage == "dpo":
+        from .dpo import run_dpo as run  # heavy imports only once the config is known to be good
+    else:
+        from .trainer import run
 
     try:
         run(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("auto", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+STAGES = ("sft", "dpo")
+# TRL 1.15's DPO losses that need no setting of their own (exo_pair needs label smoothing; aot*/sppo_hard/bco_pair
+# and the rest of TRL's list are research variants: passed through untested, so not offered).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "discopop")
 
 
 def _field(default, help: str, **kwargs):
@@ -89,6 +94,23 @@ class TrainConfig:
     resume: str = _field("auto", "auto = newest complete checkpoint, never, or a checkpoint folder")
     overwrite: bool = _field(False, "with --resume never: delete existing checkpoints first")
     report_to: str = _field("none", "experiment tracker", choices=REPORT_TO)
+
+    # Preference tuning (DPO) on top of a finished SFT run: train/dpo.py
+    stage: str = _field("sft", "sft = LoRA fine-tune on conversations; dpo = preference tuning (DPO) of a finished "
+                        "SFT run's adapter (--sft-adapter) on chosen/rejected pairs (--pairs)", choices=STAGES)
+    sft_adapter: str | None = _field(None, "dpo: the adapter/ folder of the finished SFT run to start from; a "
+                                     "frozen copy of it is the reference")
+    pairs: list[str] = _field([], "dpo: where the pairs come from: .jsonl/.json/.parquet files of prompt/chosen/"
+                              "rejected, the Space's vote logs (a votes*.jsonl file or a folder of them), or a Hub "
+                              "dataset id (pairs, or the vote dataset a Space pushes)")
+    beta: float = _field(0.1, "dpo: how far the policy may move from the SFT reference (higher = stays closer)")
+    loss_type: str = _field("sigmoid", "dpo: TRL's preference loss", choices=DPO_LOSSES)
+    max_prompt_length: int = _field(1024, "dpo: pairs whose prompt (chat-templated) is longer than this many "
+                                    "tokens are left out and counted")
+    max_answer_length: int = _field(1024, "dpo: answers are cut so that prompt + answer fits "
+                                    "--max-prompt-length + --max-answer-length tokens")
+    heldout_pairs: int = _field(20, "dpo: pairs kept out of training and evaluation, scored before and after "
+                                "(preference accuracy, reward margin)")
 
     def __post_init__(self):
         self.validate()
@@ -153,6 +175,7 @@ class TrainConfig:
             bad("output_dir", self.output_dir, "give a folder path")
         elif problem := output_folder_problem(Path(self.output_dir)):
             bad("output_dir", self.output_dir, f"{problem}; choose a folder this user can write")
+        out += self._dpo_problems()
         if self.report_to in ("tensorboard", "wandb"):
             module = "tensorboard" if self.report_to == "tensorboard" else "wandb"
             if importlib.util.find_spec(module) is None:
@@ -174,6 +197,53 @@ class TrainConfig:
         if not path.is_file():
             return [f"--dataset {value!r}: file not found (checked {path})"]
         return []
+
+    def _dpo_problems(self) -> list[str]:
+        """The DPO settings: an SFT adapter that exists and matches --model-name, pair sources that exist."""
+        out: list[str] = []
+        if self.stage != "dpo":
+            given = [name for name in ("sft_adapter", "pairs") if getattr(self, name)]
+            return [f"--{name.replace('_', '-')}: only used with --stage dpo (or a *-dpo preset)" for name in given]
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            out.append(f"--beta {self.beta!r}: must be > 0, e.g. 0.1")
+        for name, low in (("max_prompt_length", 16), ("max_answer_length", 16), ("heldout_pairs", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                out.append(f"--{name.replace('_', '-')} {value!r}: must be a whole number >= {low}")
+        out += self._sft_adapter_problems()
+        sources = self.pairs if isinstance(self.pairs, list) else [self.pairs]
+        if not sources:
+            out.append("--pairs []: give at least one source of pairs, e.g. train/data/preference_pairs.jsonl or "
+                       "votes/ (the Space's vote log folder)")
+        for source in sources:
+            path = resolve_local_path(str(source))
+            if path.is_dir() or path.is_file():
+                if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
+                    out.append(f"--pairs {source!r}: local files must end in {', '.join(DATA_SUFFIXES)}")
+            elif path.suffix.lower() in DATA_SUFFIXES or str(source).startswith((".", "/", "~")) \
+                    or str(source).endswith("/"):
+                out.append(f"--pairs {source!r}: not found (checked {path})")
+            elif not looks_like_repo_id(str(source)):
+                out.append(f"--pairs {source!r}: not a file, a folder of vote logs, or a Hub dataset id (owner/name)")
+        return out
+
+    def _sft_adapter_problems(self) -> list[str]:
+        if not self.sft_adapter:
+            return ["--sft-adapter None: give the adapter/ folder of a finished SFT run, e.g. outputs/tiny/adapter"]
+        adapter = sft_adapter_dir(self.sft_adapter)
+        missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / name).is_file()]
+        if missing:
+            return [f"--sft-adapter {self.sft_adapter!r}: no finished adapter there (missing {', '.join(missing)}); "
+                    "give the adapter/ folder that train/run.py wrote at the end of the SFT run"]
+        out = []
+        trained_on = sft_run_summary(adapter).get("config", {}).get("model_name")
+        if trained_on and trained_on != self.model_name:
+            out.append(f"--model-name {self.model_name!r}: the SFT adapter was trained on {trained_on!r}; "
+                       f"pass --model-name {trained_on}")
+        if isinstance(self.output_dir, str) and Path(self.output_dir).expanduser().resolve() == adapter.parent.resolve():
+            out.append(f"--output-dir {self.output_dir!r}: is the SFT run's own folder; give the DPO run a folder of "
+                       "its own (its adapter would replace the SFT one)")
+        return out
 
     def validate(self) -> None:
         problems = self.problems()
@@ -200,6 +270,20 @@ def resolve_local_path(value: str) -> Path:
         return path
     from_repo = REPO_ROOT / path
     return from_repo if from_repo.exists() else path
+
+
+def sft_adapter_dir(value: str) -> Path:
+    """--sft-adapter as a folder: the adapter/ folder itself, or the SFT run's folder that holds it."""
+    path = resolve_local_path(str(value))
+    return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+
+
+def sft_run_summary(adapter: Path) -> dict:
+    """The run.json the SFT run wrote beside its adapter ({} when absent or unreadable)."""
+    try:
+        return json.loads((Path(adapter).parent / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 # ---------------------------------------------------------------------- presets and YAML

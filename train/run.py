@@ -3,6 +3,7 @@
 
     python train/run.py --preset 1b --output-dir /content/drive/MyDrive/llama-1b-finetome
     python train/run.py --preset tiny --output-dir out --max-steps 6 --save-steps 2   # offline, CPU
+    python train/run.py --preset tiny-dpo --sft-adapter out/adapter --output-dir out-dpo   # DPO on top of it
     python train/run.py --help
 
 Writes <output-dir>/checkpoint-N/, adapter/, run.json and loss.png. Rerunning the same command after a

@@ -52,8 +52,9 @@ def compat_info(config: TrainConfig) -> dict:
     }
 
 
-def choose_checkpoint(config: TrainConfig, output_dir: Path) -> Path | None:
-    """Apply --resume auto|never|PATH (and --overwrite) to what is in the output folder."""
+def choose_checkpoint(config: TrainConfig, output_dir: Path, compat: dict | None = None) -> Path | None:
+    """Apply --resume auto|never|PATH (and --overwrite) to what is in the output folder; `compat` is what a
+    checkpoint must have been made with (default: this SFT run's compat_info)."""
     if config.resume == "never":
         existing = checkpoints.list_checkpoints(output_dir)
         if existing and not config.overwrite:
@@ -72,7 +73,7 @@ def choose_checkpoint(config: TrainConfig, output_dir: Path) -> Path | None:
             raise ResumeError(f"--resume {config.resume}: not a complete checkpoint ({reason}); "
                               "use --resume auto to pick the newest complete one")
     if chosen is not None:
-        checkpoints.check_compatible(chosen, compat_info(config))
+        checkpoints.check_compatible(chosen, compat or compat_info(config))
     return chosen
 
 
@@ -97,8 +98,9 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
-def _callbacks(config: TrainConfig, output_dir: Path):
-    """The progress bar and the checkpoint sealer, as transformers TrainerCallbacks."""
+def _callbacks(config: TrainConfig, output_dir: Path, compat: dict | None = None):
+    """The progress bar and the checkpoint sealer, as transformers TrainerCallbacks (`compat`: what the sealed
+    checkpoints record as the run's identity, default compat_info)."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -120,7 +122,8 @@ def _callbacks(config: TrainConfig, output_dir: Path):
 
         def on_step_end(self, args, state, control, **kwargs):
             elapsed = time.perf_counter() - self.start_time
-            self.postfix["tok/s"] = f"{(state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9):.0f}"
+            if state.num_input_tokens_seen:  # DPO's trainer does not count them
+                self.postfix["tok/s"] = f"{(state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9):.0f}"
             self.bar.set_postfix(self.postfix, refresh=False)
             if self.bar.n == self.start_step and state.is_world_process_zero and (age := process_age()) is not None:
                 # Start-up (imports, data, model, resume) is what a resumed Colab run waits through every time.
@@ -132,6 +135,9 @@ def _callbacks(config: TrainConfig, output_dir: Path):
             logs = logs or {}
             if "loss" in logs:
                 self.postfix["loss"] = f"{logs['loss']:.4f}"
+            if "rewards/margins" in logs:  # DPO: the chosen-minus-rejected reward and how often it is positive
+                self.postfix["margin"] = f"{logs['rewards/margins']:.3f}"
+                self.postfix["acc"] = f"{logs['rewards/accuracies']:.2f}"
             if "eval_loss" in logs:
                 self.postfix["eval"] = f"{logs['eval_loss']:.4f}"
                 self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
@@ -147,7 +153,7 @@ def _callbacks(config: TrainConfig, output_dir: Path):
             if not state.is_world_process_zero:
                 return
             checkpoint = output_dir / f"checkpoint-{state.global_step}"
-            checkpoints.seal(checkpoint, {"compat": compat_info(config)})
+            checkpoints.seal(checkpoint, {"compat": compat or compat_info(config)})
             removed = checkpoints.rotate(output_dir, config.save_total_limit)
             note = f" (removed {', '.join(p.name for p in removed)})" if removed else ""
             tqdm.write(f"saved {checkpoint}{note}", file=sys.stdout)
@@ -216,12 +222,13 @@ def sft_trainer_class():
     return PipelineSFTTrainer
 
 
-def save_adapter(model, tokenizer, output_dir: Path) -> Path:
-    """Write <output>/adapter atomically: to a temporary folder, then swapped in."""
+def save_adapter(model, tokenizer, output_dir: Path, adapters: list[str] | None = None) -> Path:
+    """Write <output>/adapter atomically: to a temporary folder, then swapped in (`adapters`: which of the model's
+    PEFT adapters, default all; PEFT writes a "default" one at the top of the folder)."""
     final = output_dir / "adapter"
     staging = output_dir / f".adapter.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, **({"selected_adapters": adapters} if adapters else {}))
     tokenizer.save_pretrained(staging)
     previous = output_dir / f".adapter.old-{os.getpid()}"
     if final.exists():
