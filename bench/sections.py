@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench import concurrency, log, startup, training, waves
+from bench import concurrency, log, soak, startup, training, waves
 from bench.harness import measured
 from bench.report import RESULTS
 from bench.shapes import PUBLISHED_PARAMETERS, build_adapter, build_base
@@ -21,7 +21,7 @@ from common.llama import extra_buffers, system_info
 from common.machine import cpu_name, usable_cpus
 
 SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers", "concurrency",
-            "waves")
+            "waves", "soak")
 
 
 class Paths:
@@ -136,6 +136,11 @@ def run_sections(args, results: dict) -> None:
         ensure_exported(one_b)
         log("waves: 4 waves of 100 conversations through the Space, two 1B entries")
         save("waves", waves.measure([one_b.q4, one_b.q4], args.work / "waves"))
+    if "soak" in args.sections:
+        one_b = Paths(args.work, "1b")
+        ensure_exported(one_b)
+        log("soak: 30 minutes of a changing crowd through the Space")
+        save("soak", soak.measure(one_b.q4, args.work / "soak", minutes=30))
     if "buffers" in args.sections:
         one_b = Paths(args.work, "1b")
         ensure_exported(one_b)

@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -207,7 +208,7 @@ def start_space(ggufs: list[str], folder: Path, stream_interval: float,
 
 
 def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens: int, folder: str,
-               intervals: list[float], pause_s: float = 2.0) -> dict:
+               intervals: list[float], pause_s: float = 2.0, crowd: int = 4) -> dict:
     """The Space's server as users start it (one per streaming interval), read by gradio_client, against the
     same GGUF through raw llama-cpp-python with the engine's settings; one at a time, in turn."""
     from gradio_client import Client
@@ -253,8 +254,11 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
             answer, stats = job.result()
             tokens = int(re.search(r"(\d+) tokens?", stats).group(1))
             server_rate = re.search(r"([\d.]+) tok/s", stats)
+            read = re.search(r"read ([\d,]+) of ([\d,]+) prompt tokens", stats)
             figures = {"ttft_s": times[0] - started, "tokens": tokens, "updates": len(times),
-                       "server_ttft_s": float(re.search(r"TTFT ([\d.]+) s", stats).group(1))}
+                       "server_ttft_s": float(re.search(r"TTFT ([\d.]+) s", stats).group(1)),
+                       "prompt_read": int(read.group(1).replace(",", "")) if read else None,
+                       "prompt_tokens": int(read.group(2).replace(",", "")) if read else None}
             if expected is None:
                 return figures
             if answer != expected:
@@ -300,16 +304,40 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
             conversation = []
             for turn in range(turns):
                 if turn:
-                    # A user reads the answer and types the next message; without a pause the next turn would
-                    # also wait for the engine to finish saving the previous one's state (space/engine.py).
-                    time.sleep(pause_s)
+                    time.sleep(pause_s)  # a user reads the answer and types the next message
                 # Time to first token is what a conversation measures: its answers may end early (no speed).
                 conversation.append(space_run(client, TURNS[turn].format(t=topic), turn_tokens))
             conversations.append(conversation)
             log(f"space conversation {repeat + 1}/{repeats}: TTFT by turn "
                 + ", ".join(f"{turn['ttft_s']:.2f}" for turn in conversation) + " s")
+        # A crowd through the Space: `crowd` gradio_client users sending different prompts at the same moment.
+        crowd_runs = []
+        for repeat in range(repeats):
+            barrier, results = threading.Barrier(crowd + 1), [None] * crowd
+
+            def user(index: int) -> None:
+                client = Client(url, verbose=False)
+                barrier.wait()
+                started = time.perf_counter()
+                figures = space_run(client, f"({TOPICS[(index + repeat) % len(TOPICS)]}) {message}", new_tokens)
+                results[index] = {**figures, "wall_s": time.perf_counter() - started}
+
+            threads = [threading.Thread(target=user, args=(i,)) for i in range(crowd)]
+            for thread in threads:
+                thread.start()
+            barrier.wait()
+            began = time.perf_counter()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - began
+            ttfts = sorted(r["ttft_s"] for r in results)
+            crowd_runs.append({"users": crowd, "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[-1],
+                               "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+                               "tokens": [r["tokens"] for r in results]})
+            log(f"space crowd {repeat + 1}/{repeats}: {crowd} users, TTFT p50 {crowd_runs[-1]['ttft_p50_s']:.2f} s, "
+                f"p95 {ttfts[-1]:.2f} s, {crowd_runs[-1]['aggregate_tokens_per_s']:.1f} tok/s in all")
         return {"new_tokens": new_tokens, "turn_tokens": turn_tokens, "intervals": intervals, "pause_s": pause_s,
-                "throughput": throughput, "rejected": rejected, "conversations": conversations}
+                "throughput": throughput, "rejected": rejected, "conversations": conversations, "crowd": crowd_runs}
     finally:
         for process, _ in servers.values():
             process.terminate()

@@ -56,9 +56,12 @@ def summary(results: dict) -> dict:
         default = paths[f"space {space['intervals'][0]}"]
         turns = len(space["conversations"][0])
         ttft = [statistics.median(c[turn]["ttft_s"] for c in space["conversations"]) for turn in range(turns)]
+        read = [statistics.median(c[turn].get("prompt_read") or 0 for c in space["conversations"])
+                for turn in range(turns)]
+        worst = max(range(1, turns), key=lambda turn: ttft[turn]) if turns > 1 else 0
         out["space"] = {"paths": paths, "raw": paths["raw"]["tokens_per_s"], "client": default["tokens_per_s"],
                         "share": default["tokens_per_s"] / paths["raw"]["tokens_per_s"], "ttft": ttft,
-                        "ttft_ratio": ttft[-1] / ttft[0]}
+                        "prompt_read": read, "worst_turn": worst + 1, "ttft_ratio": ttft[worst] / ttft[0]}
     export = sections.get("export")
     if export:
         out["export"] = {}
@@ -96,6 +99,11 @@ def summary(results: dict) -> dict:
         from bench.concurrency import medians
 
         out["concurrency"] = medians(sections["concurrency"])
+    if sections.get("soak"):
+        soak = sections["soak"]
+        out["soak"] = {"errors": soak["errors"], "tracebacks": soak["tracebacks"], "minutes": soak["minutes"],
+                       "rss_growth": soak["rss_end"] / soak["rss_after_warmup"] - 1,
+                       "slots_free_at_end": soak["slots_free_at_end"]}
     if sections.get("waves"):
         from bench.waves import growth
 
@@ -137,8 +145,9 @@ def target_rows(s: dict) -> list[tuple[str, str, str, str]]:
                      verdict(s["llama_vs_fp32"] >= TARGETS["llama_vs_fp32"]), ""))
     if "space" in s:
         ttft = s["space"]["ttft"]
-        rows.append(("turn-6 TTFT ≤ 1.3× turn-1 (1B, through the Space)",
-                     f"{s['space']['ttft_ratio']:.2f}× ({ttft[0]:.2f} s → {ttft[-1]:.2f} s)",
+        worst = s["space"]["worst_turn"]
+        rows.append((f"every later turn's TTFT ≤ 1.3× turn 1's (1B, through the Space, {len(ttft)} turns)",
+                     f"worst: turn {worst}, {s['space']['ttft_ratio']:.2f}× ({ttft[0]:.2f} s → {ttft[worst - 1]:.2f} s)",
                      verdict(s["space"]["ttft_ratio"] <= TARGETS["ttft_ratio"]), ""))
     three = s.get("export", {}).get("3b")
     if three:
@@ -156,6 +165,14 @@ def target_rows(s: dict) -> list[tuple[str, str, str, str]]:
                      verdict(fresh["ready_peak_rss"] <= TARGETS["startup_fresh_rss_gb"] * 1e9), ""))
         rows.append(("training start-up ≤ 20 s, resumed after SIGKILL", f"{resume['ready_s']:.1f} s",
                      verdict(resume["ready_s"] <= TARGETS["startup_resume_s"]), ""))
+    soaked = s.get("soak")
+    if soaked:
+        clean = soaked["errors"] == 0 and soaked["tracebacks"] == 0 and soaked["slots_free_at_end"]
+        rows.append((f"soak ({soaked['minutes']:.0f} min of a changing crowd): 0 errors, 0 tracebacks, every slot free, "
+                     "RSS within +5% after warm-up",
+                     f"{soaked['errors']} errors, {soaked['tracebacks']} tracebacks, slots "
+                     f"{'free' if soaked['slots_free_at_end'] else 'held'}, RSS {soaked['rss_growth']:+.1%}",
+                     verdict(clean and soaked["rss_growth"] <= TARGETS["waves_rss_growth"]), ""))
     wave = s.get("waves")
     if wave:
         rss = wave["rss"]
@@ -215,23 +232,12 @@ def misses(s: dict) -> list[str]:
             f"({llama.get('share', float('nan')):.0%} vs {fp32.get('share', float('nan')):.0%} here); "
             "what closes it is what closes the bandwidth gap above.")
     if space and space["ttft_ratio"] > TARGETS["ttft_ratio"]:
-        ttft = space["ttft"]
+        ttft, read, worst = space["ttft"], space.get("prompt_read") or [], space["worst_turn"]
         notes.append(
-            f"- **Turn-6 TTFT**: {space['ttft_ratio']:.2f}× turn 1 ({ttft[0]:.2f} → {ttft[-1]:.2f} s), "
-            f"{space['ttft_ratio'] - TARGETS['ttft_ratio']:.2f}× over; later turns scatter between ≈0.45 and ≈1.5 s. "
-            "The time is the engine's own (its stats line accounts for all but ≈0.07 s of it) and follows the number "
-            "of prompt tokens a turn must read. Turn 1 reads only the message after the system header it shares "
-            "with the previous conversation (≈25-40 tokens). A later turn reads the new message plus whatever of "
-            "the previous answer cannot be matched to the tokens in the cache. The engine matches by the text the "
-            "cached tokens spell (space/history.py's reusable_prefix), not by re-tokenising: a direct check "
-            "(1B-shaped, greedy, 64-token answers) read 49 tokens at turn 2 (0.38 s) where token matching read "
-            "107 (0.84 s). What still misses here is random weights sampling half a UTF-8 character: "
-            "llama-cpp-python's streamed text drops such bytes, so the answer Gradio sends back no longer spells "
-            "the cached tokens and is re-read from there (in that check's second conversation turn 2 still read "
-            "108 tokens, 0.78 s); a trained model does not emit broken characters. What would close it for any "
-            "model: keep each answer's sampled token ids with the conversation (Gradio session state) instead of "
-            "recovering them from its text.")
-    export = s.get("export", {}).get("3b")
+            f"- **Later turns' TTFT**: turn {worst} took {space['ttft_ratio']:.2f}× turn 1 ({ttft[0]:.2f} → "
+            f"{ttft[worst - 1]:.2f} s), {space['ttft_ratio'] - TARGETS['ttft_ratio']:.2f}× over. Prompt tokens read "
+            "per turn: " + ", ".join(f"{n:,.0f}" for n in read) + " (each turn's slot still holds the conversation, "
+            "so a later turn reads its new message and the template around it; the time follows that count).")
     if export and export["ours_peak_rss"] > TARGETS["export_3b_rss_gb"] * 1e9:
         worst = max(("merge", "convert", "quantize"), key=lambda step: export["steps"][step]["peak_rss"])
         notes.append(f"- **3B export memory**: {gb(export['ours_peak_rss'])}, over by "

@@ -137,7 +137,7 @@ def render(section: dict) -> list[str]:
              "sessions, so that the waves after it run full, as a Space does after its first hours).", "",
              "| after | wall | errors | RSS | anonymous | saved prompt states |", "|---|---|---|---|---|---|"]
     for row in section["rows"]:
-        cache = row["memory_line"].split("): ", 1)[-1]
+        cache = row["memory_line"].split("): ", 1)[-1].split("; slots: ")[0]
         lines.append(f"| {row['wave']} | {row['seconds']:.0f} s | {row['errors']} | {row['rss'] / 2**20:,.0f} MiB | "
                      f"{row['anon'] / 2**20:,.0f} MiB | {cache} |")
     rss, anon = growth(section), growth(section, "anon")

@@ -144,30 +144,6 @@ def summarize_answers(answers: Sequence[Mapping]) -> dict:
 
 
 # ---------------------------------------------------------------------- answering (llama.cpp)
-class TokenClock:
-    """When each token of an answer is sampled: wraps one Llama's generate(), which create_chat_completion runs.
-
-    The Space's own figures count streamed text pieces, and llama-cpp-python holds back bytes that are not yet
-    valid UTF-8 (a character split over tokens; a random-weight model's answers are full of them), so a piece can
-    stand for several tokens. Timing the tokens themselves gives exact counts and rates for any model.
-    """
-
-    def __init__(self, llm):
-        self.times: list[float] = []
-        original = llm.generate
-
-        def generate(*args, **kwargs):
-            inner = original(*args, **kwargs)
-            try:
-                for token in inner:
-                    self.times.append(time.perf_counter())
-                    yield token
-            finally:
-                inner.close()
-
-        llm.generate = generate  # this instance only; Llama._create_completion calls self.generate
-
-
 def answer_figures(requested_at: float, token_times: Sequence[float], finish_reason: str | None) -> dict:
     """Time to first token, tokens/s after it, and answer length, from when each token was sampled.
 
@@ -191,18 +167,17 @@ def generate_answers(engine: Engine, label: str, prompts: list[Prompt], sampling
                      progress: Callable[[str], None] = log) -> dict:
     """Each prompt's answer through the Space's own streaming path (Engine.stream_chat), with its timing and stop
     reason; the Space's own streamed figures are kept beside the exact ones."""
-    clock = None if engine.is_remote(label) else TokenClock(engine.get(label))  # a server's tokens: its stream
     started, answers = time.perf_counter(), []
     for number, prompt in enumerate(prompts, 1):
-        if clock:
-            clock.times.clear()
         reply, requested_at = None, time.perf_counter()
         for reply in engine.stream_chat(label, prompt.prompt, list(prompt.history), prompt.system, sampling):
             pass
         finish_reason = reply.finish_reason if reply else "error"
         answer = {"id": prompt.id, "text": reply.text if reply else "", "finish_reason": finish_reason,
                   "error": reply.error if reply else "no reply",
-                  **(answer_figures(requested_at, clock.times, finish_reason) if clock else
+                  # a local model's Reply holds when each token was sampled; a server's, its streamed figures
+                  **(answer_figures(requested_at, reply.token_times, finish_reason) if reply and reply.token_times
+                     is not None else
                      {"ttft_s": reply.ttft_s, "tokens_per_s": reply.tokens_per_s,
                       "answer_tokens": reply.tokens} if reply else {}),
                   "space_ttft_s": reply.ttft_s if reply else None,

@@ -36,7 +36,7 @@ from common.llama import LlamaSetupError, extra_buffers  # noqa: E402
 from common.machine import cpu_budget, limit_malloc_arenas  # noqa: E402
 from compare.ratings import PAIR_HEADERS, RATING_HEADERS, pair_rows, rating_rows, summary  # noqa: E402
 from space.catalog import catalog_from_paths, catalog_from_servers, load_catalog  # noqa: E402
-from space.engine import COMPARE_MODES, DEFAULT_N_CTX, Engine  # noqa: E402
+from space.engine import COMPARE_MODES, DEFAULT_N_CTX, DEFAULT_SLOTS, Engine  # noqa: E402
 from space.history import prompt_text  # noqa: E402
 from space.leaderboard import VoteSources, fair_pair, load_report, report_caption, report_headlines  # noqa: E402
 from space.replies import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,  # noqa: E402
@@ -112,8 +112,10 @@ def build_app(engine: Engine, votes: VoteLog, compare_mode: str = "interleaved",
         """The chat's streamed Replies, stoppable by the chat's Stop button; one log line if it is refused."""
         reply = None
         with stops.running(request, "chat") as cancel:
+            # The session's earlier turns keep their sampled tokens in the engine: the next turn reads only what is new.
             for reply in throttled(engine.stream_chat(model, message, history, system_prompt,
-                                                      _sampling(temperature, top_p, max_new_tokens), cancel=cancel),
+                                                      _sampling(temperature, top_p, max_new_tokens), cancel=cancel,
+                                                      session=getattr(request, "session_hash", None)),
                                    stream_interval):
                 yield reply
         if reply is not None and reply.error:
@@ -353,6 +355,10 @@ def parse_args(argv=None):
     parser.add_argument("--report", default=os.environ.get("SPACE_REPORT") or None, metavar="PATH",
                         help="compare's report (compare.json, or the folder scripts/compare.py --out wrote) whose "
                              "headline figures the Leaderboard shows beside the votes (optional; SPACE_REPORT)")
+    parser.add_argument("--slots", type=_setting(int, 1, "SPACE_SLOTS"),
+                        default=os.environ.get("SPACE_SLOTS", str(DEFAULT_SLOTS)),
+                        help="conversations each model answers at once (continuous batching); more wait in line. "
+                             "Each slot holds --n-ctx tokens of KV cache (4 x 4096: 512 MiB for 1B, 1.75 GiB for 3B)")
     parser.add_argument("--cache-mb", type=_setting(int, 0, "SPACE_CACHE_MB"),
                         default=os.environ.get("SPACE_CACHE_MB", "512"),
                         help="RAM per model for saved conversation states (least recently used evicted first; 0 "
@@ -393,7 +399,7 @@ def main(argv=None) -> None:
         print(extra_buffers().describe(), flush=True)  # which llama.cpp path every model here takes, and why
         print(f"llama.cpp {cpu_budget().describe()}", flush=True)  # a container's quota can be below its cores
         report = load_report(args.report) if args.report else None
-        engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=args.cache_mb * 2**20)
+        engine = Engine(catalog, n_ctx=args.n_ctx, cache_bytes=args.cache_mb * 2**20, slots=args.slots)
     except (UserError, LlamaSetupError) as e:
         sys.exit(f"error: {e}")
     votes_path = Path(args.votes)
@@ -402,8 +408,9 @@ def main(argv=None) -> None:
     votes = VoteLog(votes_path, hub_repo_id=args.votes_repo)
     app = build_app(engine, votes, compare_mode=args.compare_mode, stream_interval=args.stream_interval,
                     examples=args.example, report=report)
-    # Generation is CPU-bound and each model has one lock: a few concurrent requests queue, they do not race.
-    app.queue(default_concurrency_limit=4)
+    # As many requests at once as the engine answers at once (every model's slots): Gradio's queue never holds back
+    # what a free slot could serve, and what waits beyond them waits in the engine's line, which says where it is.
+    app.queue(default_concurrency_limit=engine.capacity())
     if args.memory_log_interval > 0:
         threading.Thread(target=_log_memory, args=(engine, args.memory_log_interval), daemon=True).start()
     # share None, not False, without --share: Gradio's own default (GRADIO_SHARE, or a link in a hosted notebook).

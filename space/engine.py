@@ -1,5 +1,6 @@
-"""The Space's serving engine: loads catalog models on first use and streams chats and comparisons, one
-generation per model at a time. Pure Python with no Gradio import, so tests (and any script) drive it directly:
+"""The Space's serving engine: loads catalog models on first use and streams chats and comparisons, many at once:
+each model decodes up to `slots` conversations together (space/batching.py: continuous batching in one llama.cpp
+context). Pure Python with no Gradio import, so tests (and any script) drive it directly:
 
     from space.catalog import catalog_from_paths
     from space.engine import Engine
@@ -7,25 +8,26 @@ generation per model at a time. Pure Python with no Gradio import, so tests (and
     for reply in engine.stream_chat(engine.labels[0], "Hello!"):
         print(reply.text, reply.stats())
 
-A `llama_cpp.Llama` holds one context (one KV cache) and is not safe for concurrent use, so every model has
-one lock and at most one generation at a time; the Space runs on 2 vCPUs, where two generations at once
-would only split the same cores anyway. A request waiting for a busy model says so (Reply.status). The rest of
-the Space's logic lives beside it: the catalog (space/catalog.py), sampling and replies (space/replies.py),
-history → messages (space/history.py), the prompt's tokens and the saved prompt states (space/prompt.py), votes
+A request beyond the model's slots waits in its queue, and its Replies say so (Reply.status, with its place in
+line). The rest of the Space's logic lives beside it: the catalog (space/catalog.py), sampling and replies
+(space/replies.py), history → messages (space/history.py), the prompt's tokens (space/prompt.py), votes
 (space/votes.py).
 
-Memory: the models, their contexts, and per model at most `cache_bytes` of saved prompt states ($SPACE_CACHE_MB
-MiB, default 512). With a 1B and a 3B model that is the GGUFs (about 0.8 and 2.0 GB), their 4,096-token KV caches
-(128 and 448 MiB) and at most 2 × 512 MiB of states: a fraction of a cpu-basic Space's 16 GB. memory_line() reports
-it for the Space's log.
+Memory, per model: the GGUF, its Llama's own context (`n_ctx` tokens, used by compare's measurements through get()),
+the batched context (`slots` × `n_ctx` tokens: 4 × 4,096 are 512 MiB for 1B and 1.75 GiB for 3B) and at most
+`cache_bytes` of saved conversation states ($SPACE_CACHE_MB MiB, default 512). memory_line() reports it for the
+Space's log.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -37,12 +39,14 @@ from common.llama import gguf_chat_formatter, open_gguf, open_gguf_from_hub
 from common.machine import rss_bytes, usable_cpus
 from space.catalog import ModelSpec
 from space.history import history_to_messages, prompt_text, trim_history
-from space.prompt import ChatModel, StateCache
+from space.batching import DEFAULT_PREFILL_CHUNK, DEFAULT_SLOTS, BatchedDecoder, Scheduler
+from space.jobs import Done, Piece, Queued, Started
+from space.prompt import ChatModel
 from space.remote import RemoteModel
 from space.replies import Reply, Sampling, UserError, _one_line
 
 __all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS", "CACHE_MB_ENV", "DEFAULT_CACHE_MB",
-           "cache_bytes_from_env"]
+           "DEFAULT_SLOTS", "cache_bytes_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ DEFAULT_N_CTX = 4096  # tokens of context per model (space/app.py --n-ctx)
 MAX_MESSAGE_CHARS = 8000  # the longest message a user may send
 CACHE_MB_ENV = "SPACE_CACHE_MB"  # the owner's bound on saved prompt states, MiB per model
 DEFAULT_CACHE_MB = 512
-_WAIT_POLL_S = 0.1  # how often a request waiting for a busy model checks its cancel event
+MAX_CONVERSATIONS = 1000  # conversations whose sampled tokens are kept (a session and a model each)
 
 
 def cache_bytes_from_env() -> int:
@@ -88,24 +92,40 @@ def _chat_formatter(llm: Llama, label: str) -> Jinja2ChatFormatter:
     return formatter
 
 
+class _Either:
+    """Set when any of its events is (the user's Stop, or the compare's consumer gone)."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [event for event in events if event is not None]
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+
 class Engine:
     """Loads catalog models on first use, keeps them loaded, and streams chats and comparisons."""
 
     def __init__(self, catalog: list[ModelSpec], n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
                  max_message_chars: int = MAX_MESSAGE_CHARS, cache_bytes: int | None = None,
-                 loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4, seed: int | None = None):
+                 loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4, seed: int | None = None,
+                 slots: int = DEFAULT_SLOTS, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_queue: int = 64):
         """
+        n_ctx: tokens of context per conversation (each slot's).
         n_threads: llama.cpp threads for generation and prompt processing; default: the CPUs this process may
             use (its affinity: a Space container sees the host's cores in os.cpu_count(), and more threads
             than usable cores make llama.cpp several times slower).
-        cache_bytes: per model, the most RAM its saved prompt states may hold, least recently used evicted first
-            (0 disables them; default: cache_bytes_from_env()), so that users taking turns on one model each resume
-            their conversation instead of re-reading it (see stream_chat).
+        cache_bytes: per model, the most RAM its saved conversation states may hold, least recently used evicted
+            first (0 disables them; default: cache_bytes_from_env()): a conversation whose slot another one took
+            resumes from its state instead of re-reading its prompt.
         loader: builds a Llama from a ModelSpec (tests); default: from_pretrained or model_path.
         drop_step: a conversation too long for the context loses its oldest exchanges this many at a time
             (see trim_history), so that only one turn in `drop_step` re-reads the whole prompt.
-        seed: each Llama's sampling seed (default: llama-cpp-python's). Every answer draws its own seed from the
-            previous one, so the same requests in the same order get the same answers (scripts/compare.py).
+        seed: the first sampling seed; every answer draws its own from one generator per model, so the same
+            requests in the same order get the same answers (scripts/compare.py).
+        slots: conversations each model decodes together (space/batching.py); more wait in line.
+        prefill_chunk: prompt tokens read per decoding step, so that a long prompt never stalls the answers
+            being written.
+        max_queue: requests that may wait for a model's slot; more are answered "try again" at once.
         """
         if not catalog:
             raise UserError("the model catalog is empty; add a model to space/models.yaml or pass --model PATH")
@@ -119,14 +139,18 @@ class Engine:
         self.cache_bytes = cache_bytes_from_env() if cache_bytes is None else max(0, cache_bytes)
         self.drop_step = max(1, drop_step)
         self.seed = seed
+        self.slots, self.prefill_chunk, self.max_queue = max(1, slots), max(1, prefill_chunk), max(0, max_queue)
         self._loader = loader or self._load_llama
         self._models: dict[str, ChatModel] = {}
-        # Models behind an OpenAI-compatible server (space/remote.py): no lock here, the server queues or batches.
+        self._decoders: dict[str, BatchedDecoder] = {}
+        self._seeds: dict[str, random.Random] = {}
+        # One thread decodes for every model (space/batching.py): the models never split the CPUs between them.
+        self._scheduler = Scheduler()
+        # The tokens each conversation's turns produced, by (session, label): its next turn continues from them.
+        self._conversations: OrderedDict[tuple, list[int]] = OrderedDict()
+        self._conversations_lock = threading.Lock()
+        # Models behind an OpenAI-compatible server (space/remote.py): the server queues or batches.
         self._remote = {spec.label: RemoteModel(spec) for spec in catalog if spec.is_remote}
-        # threading.Lock, not RLock: Gradio may resume a generator on another worker thread than the one that
-        # acquired, and only a plain Lock may be released from any thread. It is not reentrant, hence the
-        # care below wherever one caller needs two models (stream_compare).
-        self._locks = {label: threading.Lock() for label in self.labels}
         self._loading = threading.Lock()
 
     # -------------------------------------------------------------- models
@@ -143,15 +167,23 @@ class Engine:
             raise UserError(f"Unknown model '{_one_line(label, 80)}'; choose one of: {', '.join(self.labels)}")
         return label
 
+    def capacity(self) -> int:
+        """Answers this engine writes at once: every local model's slots, and a few per server's model."""
+        return sum(4 if label in self._remote else self.slots for label in self.labels)
+
     def memory_line(self) -> str:
-        """This process's RSS and each loaded model's saved prompt states against the bound, for the Space's log:
-        'memory: RSS 3,120 MiB; saved prompt states (at most 512 MiB per model): 1B 96 MiB in 3, 3B 0 MiB in 0'."""
-        caches = ", ".join(f"{label} {cache.cache_size / 2**20:,.0f} MiB in {len(cache.cache_state)}"
-                           for label, cache in [(label, model.llm.cache) for label, model in list(self._models.items())]
-                           if cache is not None)
+        """This process's RSS, each loaded model's saved conversation states against the bound and its slots, for the
+        Space's log: 'memory: RSS 3,120 MiB; saved prompt states (at most 512 MiB per model): 1B 96 MiB in 3, 3B 0 MiB
+        in 0; slots: 1B 2/4 busy, 0 waiting, 3B 0/4 busy, 0 waiting'."""
+        decoders = list(self._decoders.items())
+        caches = ", ".join(f"{label} {decoder.states_bytes / 2**20:,.0f} MiB in {len(decoder.states)}"
+                           for label, decoder in decoders)
+        slots = ", ".join(f"{label} {decoder.busy_slots()}/{decoder.n_slots} busy, {len(decoder.waiting)} waiting"
+                          for label, decoder in decoders)
         rss = rss_bytes()
         return (f"memory: RSS {'unknown' if rss is None else f'{rss / 2**20:,.0f}'} MiB; saved prompt states "
-                f"(at most {self.cache_bytes / 2**20:,.0f} MiB per model): {caches or 'none'}")
+                f"(at most {self.cache_bytes / 2**20:,.0f} MiB per model): {caches or 'none'}"
+                + (f"; slots: {slots}" if slots else ""))
 
     def is_remote(self, label: str) -> bool:
         """Whether this catalog model is served elsewhere, over the OpenAI API (no GGUF loaded here)."""
@@ -169,45 +201,35 @@ class Engine:
                     llm = self._loader(self.catalog[label])
                     model = ChatModel(llm, _chat_formatter(llm, label))
                     # Render with this same formatter whatever chat_format Llama guessed from the template,
-                    # so count_tokens measures exactly the prompt that is generated from.
+                    # so that get()'s create_chat_completion (compare's measurements) reads the same prompts.
                     llm.chat_handler = model.formatter.to_chat_handler()
-                    if self.cache_bytes > 0:
-                        llm.set_cache(StateCache(self.cache_bytes, llm))
+                    self._decoders[label] = BatchedDecoder(
+                        llm, slots=self.slots, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                        prefill_chunk=self.prefill_chunk, cache_bytes=self.cache_bytes, max_queue=self.max_queue,
+                        scheduler=self._scheduler, label=label)
+                    self._seeds[label] = random.Random(self.seed)
                     self._models[label] = model
         return model
 
     def get(self, label: str) -> Llama:
-        """The loaded model for a catalog label (loaded on first use, then kept); UserError for any other label."""
+        """The loaded model for a catalog label (loaded on first use, then kept); UserError for any other label.
+        Its own context is not the one the Space serves from (decoder()): it is free for measurements."""
         return self._model(label).llm
+
+    def decoder(self, label: str) -> BatchedDecoder:
+        """The model's batched decoder (its slots, queue and saved states), loading the model if needed."""
+        self._model(label)
+        return self._decoders[label]
 
     def chat_formatter(self, label: str) -> Jinja2ChatFormatter:
         """The formatter this model's prompts are rendered with (its GGUF's own chat template), loading it if needed."""
         return self._model(label).formatter
 
     def is_busy(self, label: str) -> bool:
-        """Whether a generation holds this model now (others wait for it); a server's model never does."""
-        return label not in self._remote and self._locks[self._check_label(label)].locked()
-
-    def _wait(self, label: str, name: str, cancel: threading.Event | None, held: list[str]) -> Iterator[str]:
-        """Take the model's lock and add its label to `held` (the caller releases it: _release); while another
-        request holds the model, yield why this one waits, at once and then every second. Gives up, holding
-        nothing, once `cancel` is set. A server's model has no lock: it is held at once."""
-        lock = None if label in self._remote else self._locks[label]
-        started, shown = time.perf_counter(), -1
-        while not (cancel is not None and cancel.is_set()):
-            if lock is None or lock.acquire(timeout=0 if shown < 0 else _WAIT_POLL_S):
-                held.append(label)
-                return
-            if (waited := int(time.perf_counter() - started)) > shown:
-                shown = waited
-                yield f"{name[:1].upper()}{name[1:]} is answering another request; waiting for it ({waited} s)."
-
-    def _release(self, held: list[str], label: str | None = None) -> None:
-        """Release `label`'s lock (default: every lock in `held`, newest first) and drop it from `held`."""
-        for held_label in [label] if label else held[::-1]:
-            held.remove(held_label)
-            if held_label not in self._remote:
-                self._locks[held_label].release()
+        """Whether the model is writing an answer or has requests waiting; a server's model never says so."""
+        label = self._check_label(label)
+        decoder = self._decoders.get(label)
+        return decoder is not None and decoder.has_work()
 
     # -------------------------------------------------------------- one answer
     def _prepare(self, label, message, history, system_prompt,
@@ -234,83 +256,87 @@ class Engine:
                                     self.drop_step)
         return model, messages, sampling
 
-    def _generate(self, label: str, model: ChatModel | RemoteModel, messages: list[dict], sampling: Sampling,
-                  cancel: threading.Event | None, started: float) -> Iterator[Reply]:
-        """Stream one answer, ending with a done Reply (an error one if llama.cpp or the server fails).
+    def _known(self, key: tuple | None) -> list[list[int]]:
+        """Token sequences a prompt may continue from: the conversation's own, then the model's slots and states."""
+        with self._conversations_lock:
+            own = self._conversations.get(key) if key is not None and key[0] is not None else None
+            if own is not None:
+                self._conversations.move_to_end(key)
+        return ([own] if own else []) + self._decoders[key[1]].known_tokens()
 
-        The caller holds the model's lock for as long as this generator runs (a server's model has none).
-        """
+    def _remember(self, key: tuple | None, tokens: list[int]) -> None:
+        if key is None or key[0] is None:
+            return
+        with self._conversations_lock:
+            self._conversations[key] = tokens
+            self._conversations.move_to_end(key)
+            while len(self._conversations) > MAX_CONVERSATIONS:
+                self._conversations.popitem(last=False)
+
+    def _generate(self, label: str, model: ChatModel | RemoteModel, messages: list[dict], sampling: Sampling,
+                  cancel, started: float, name: str, session: str | None = None) -> Iterator[Reply]:
+        """Stream one answer, ending with a done Reply (an error one if llama.cpp or the server fails)."""
         if isinstance(model, RemoteModel):
             yield from model.stream(messages, sampling, cancel, started)
             return
-        reply = Reply(text="")
+        reply, key = Reply(text=""), (session, label)
+        decoder = self._decoders[label]
         try:
-            # No reset between calls: create_completion keeps the KV cache of the longest common prefix of this
-            # prompt and the model's previous one, and the prompt continues from the context's own tokens as far
-            # as they spell the same text, so a conversation's next turn reads only what is new. The rest is what
-            # create_chat_completion does with this formatter (its chat handler), minus the chat-chunk wrapping.
-            tokens, rendered = model.prompt_tokens(messages)
-            stream = model.llm.create_completion(
-                tokens, stream=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens, stop=rendered.stop,
-                stopping_criteria=rendered.stopping_criteria)
+            # The prompt continues from the tokens the conversation's turns produced (its own record, or a slot or
+            # state that holds them) wherever they spell the same text: the sampled tokens are kept, and the slot
+            # holding them reads only what is new (space/prompt.py, space/batching.py).
+            tokens, rendered = model.prompt_tokens(messages, self._known(key))
+            job = decoder.submit(tokens, sampling, self._seeds[label].getrandbits(32),
+                                 stop_tokens=model.stop_tokens(), stop_strings=model.stop_strings(rendered),
+                                 cancel=cancel)
+            events = job.events(self._scheduler)
             try:
-                for chunk in stream:
-                    if cancel is not None and cancel.is_set():
-                        reply.finish_reason = "cancelled"
-                        break
-                    choice = chunk["choices"][0]
-                    piece = choice["text"]
-                    if piece:
-                        reply.add(piece, started)
+                for event in events:
+                    if isinstance(event, Piece):
+                        reply.add(event.text, started, event.tokens)
                         yield replace(reply)  # a snapshot: consumers may keep earlier states
-                    if choice["finish_reason"]:
-                        reply.finish_reason = choice["finish_reason"]
+                    elif isinstance(event, Queued):
+                        reply.status = (f"{name[:1].upper()}{name[1:]} is answering {decoder.n_slots} other "
+                                        f"conversation{'s' if decoder.n_slots != 1 else ''}; you are number "
+                                        f"{event.position} in line.")
+                        yield replace(reply)
+                    elif isinstance(event, Started):
+                        waited, reply.status = reply.status, None
+                        reply.prompt_tokens, reply.prompt_read = len(tokens), event.read
+                        if waited:
+                            yield replace(reply)  # the wait is over: no status while the prompt is read
+                    elif isinstance(event, Done):
+                        reply.finish_reason, reply.error = event.finish_reason, event.error
             finally:
-                stream.close()  # a stopped or abandoned answer ends here, before the caller releases the lock
+                events.close()  # a stopped or abandoned answer frees its slot at the next step
+            reply.token_times = tuple(job.sampled_at)
+            if reply.finish_reason in ("stop", "length"):
+                self._remember(key, tokens + job.generated)
         except Exception as error:
             log.exception("generation with %r failed", label)
             reply.finish_reason, reply.error = "error", f"Generation failed on '{label}': {_one_line(error)}"
-        reply.done = True
+        if reply.error and not reply.error.startswith(("Generation failed", "Model ")):
+            reply.error = f"Generation failed on '{label}': {reply.error}"
+        reply.done, reply.status = True, None
         yield reply
 
-    def _locked_answer(self, label: str, model: ChatModel | RemoteModel, messages: list[dict], sampling: Sampling,
-                       cancel: threading.Event | None, started: float, name: str) -> Iterator[Reply]:
-        """One answer under its model's lock (taken here, when iteration starts, not when this is called), with
-        a status Reply while another request holds the model."""
-        held, waited = [], False
-        try:
-            for status in self._wait(label, name, cancel, held):
-                waited = True
-                yield Reply(text="", status=status)
-            if held:
-                if waited:
-                    yield Reply(text="")  # the wait is over: no status while the prompt is read
-                yield from self._generate(label, model, messages, sampling, cancel, started)
-            else:
-                yield Reply(text="", done=True, finish_reason="cancelled")
-        finally:
-            self._release(held)
-
     def stream_chat(self, label: str, message: str, history: list | None = None, system_prompt: str = "",
-                    sampling: Sampling = Sampling(), cancel: threading.Event | None = None) -> Iterator[Reply]:
+                    sampling: Sampling = Sampling(), cancel: threading.Event | None = None,
+                    session: str | None = None) -> Iterator[Reply]:
         """Stream the model's answer to `message` after `history` (Gradio 6 messages) as growing Replies.
 
         Mistakes (empty, too long or invalid message, bad sampling numbers, unknown model, ...) come back as one
-        final Reply with a one-line `error`, never as exceptions. While another request holds the model, Replies
-        with a `status` ("Model 3B is answering another request; waiting for it (3 s).") come first. The model's lock is
-        taken when iteration starts and released as soon as the answer ends, `cancel` is set, or the generator is
-        closed or garbage-collected (Stop button, client gone); `cancel` also ends the wait for a busy model.
+        final Reply with a one-line `error`, never as exceptions. While the model's slots are all taken, Replies
+        with a `status` ("Model 3B is answering 4 other conversations; you are number 2 in line.") come first. The
+        answer ends, and frees its slot, as soon as it is done, `cancel` is set, or the generator is closed or
+        garbage-collected (Stop button, client gone).
 
-        Time to first token over a conversation: the Llama keeps the KV cache of its previous prompt and
-        answer, so a turn reads only what changed since: the new message, and the previous answer only from
-        where its text (as Gradio sends it back) stops spelling the sampled tokens (reusable_prefix), instead of
-        re-reading the whole conversation every turn. When users take turns on one model, the context holds the
-        other user's conversation; the state cache (cache_bytes) then restores this one's, at no cost to a
-        single conversation. Once a conversation outgrows the context, its oldest exchanges go and the prompt
-        changes right after the system message, so that turn re-reads it all; drop_step > 1 makes that one turn
-        in drop_step. The figures: README.md's serve section and docs/benchmarks.md ("Through the Space");
-        scripts/bench.py measures the whole conversation.
+        Time to first token over a conversation: the tokens of each turn (the prompt and the sampled answer) are
+        kept by `session` (a Gradio session; without one, any slot or saved state that holds them serves), and
+        the slot that holds them in its KV cache reads only the new message; the answer's text, as Gradio sends
+        it back, continues from the sampled tokens as far as it spells them (reusable_prefix). Reply.prompt_read
+        says how many prompt tokens a turn read. Once a conversation outgrows the context, its oldest exchanges
+        go and that turn re-reads it all; drop_step > 1 makes that one turn in drop_step.
         """
         started = time.perf_counter()
         try:
@@ -318,27 +344,20 @@ class Engine:
         except UserError as error:
             yield _error_reply(str(error))
             return
-        yield from self._locked_answer(label, model, messages, sampling, cancel, started, f"model {label}")
+        yield from self._generate(label, model, messages, sampling, cancel, started, f"model {label}", session)
 
     # -------------------------------------------------------------- two answers
     def stream_compare(self, label_a: str, label_b: str, message: str, system_prompt: str = "",
-                       sampling: Sampling = Sampling(), mode: str = "sequential",
+                       sampling: Sampling = Sampling(), mode: str = "interleaved",
                        cancel: threading.Event | None = None) -> Iterator[tuple[Reply, Reply]]:
         """The same message (no history) to two models; yields (reply_a, reply_b) states as both stream.
 
-        Both answers share the 2 vCPUs, so they never compute at the same time:
-          "sequential"   A to the end, then B (B's reply stays empty meanwhile);
-          "interleaved"  one token of A, one of B, advanced in turn in this thread, each model's lock held until
-                         its own answer ends.
-        The same label twice is always sequential: one Llama has one KV cache, and its lock is not reentrant.
-        Each Reply's ttft_s counts from this call, so B's includes the wait for A in sequential mode. A side
-        waiting for a model another request holds says so in its status, naming the side ("model A"), never the
-        model (blind votes). `cancel` (the Stop button) ends both answers, and frees both models, at once.
-
-        Both modes finish together within measurement noise, so interleaved is the better experience: both
-        answers start at once at above reading speed, and in a blind vote neither panel's timing gives its
-        model away (sequentially, B sits empty for as long as A takes, which tells 1B from 3B). The figures,
-        measured with 1B- and 3B-shaped models on 2 cores: README.md's serve section.
+          "interleaved"  both answers are written at once: the scheduler decodes a token of each per step, so
+                         they advance together and neither panel's pace gives its model away in a blind vote;
+          "sequential"   A to the end, then B (B's reply stays empty meanwhile).
+        Each Reply's ttft_s counts from this call. A side waiting for a slot says so in its status, naming the side
+        ("model A"), never the model (blind votes). `cancel` (the Stop button) ends both answers, and frees both
+        slots, at once; so does closing this generator.
         """
         started = time.perf_counter()
         if mode not in COMPARE_MODES:
@@ -354,37 +373,44 @@ class Engine:
                 replies.append(_error_reply(str(error)))
         yield tuple(replies)
 
-        if mode == "sequential" or label_a == label_b or len(requests) < 2:
+        gone = threading.Event()  # this generator closed: both answers end
+        either = _Either(cancel, gone)
+        if mode == "sequential":
             for side, request in requests.items():
-                for reply in self._locked_answer(*request, cancel, started, f"model {'AB'[side]}"):
-                    replies[side] = reply
-                    yield tuple(replies)
+                stream = self._generate(*request, either, started, f"model {'AB'[side]}")
+                try:
+                    for reply in stream:
+                        replies[side] = reply
+                        yield tuple(replies)
+                finally:
+                    stream.close()
             return
 
-        held, streams = [], {}
+        # Each side's stream runs in its own thread (a server's answer blocks on the network; a local one on its
+        # decoder) and hands its Replies to this one.
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+
+        def pump(side: int, request: tuple) -> None:
+            try:
+                for reply in self._generate(*request, either, started, f"model {'AB'[side]}"):
+                    updates.put((side, reply))
+            finally:
+                updates.put((side, None))
+
+        threads = [threading.Thread(target=pump, args=(side, request), daemon=True, name=f"compare-{'AB'[side]}")
+                   for side, request in requests.items()]
+        for thread in threads:
+            thread.start()
         try:
-            for side in sorted(requests, key=lambda side: self.labels.index(requests[side][0])):  # catalog order:
-                # two comparisons of the same pair in opposite order never each hold one model and wait for the other
-                for status in self._wait(requests[side][0], f"model {'AB'[side]}", cancel, held):
-                    replies[side] = Reply(text="", status=status)
-                    yield tuple(replies)
-            if len(held) < 2:
-                yield tuple(Reply(text="", done=True, finish_reason="cancelled") for _ in replies)
-                return
-            if any(reply.status for reply in replies):
-                replies = [Reply(text=""), Reply(text="")]  # the wait is over: no status while the prompts are read
+            running = len(threads)
+            while running:
+                side, reply = updates.get()
+                if reply is None:
+                    running -= 1
+                    continue
+                replies[side] = reply
                 yield tuple(replies)
-            streams = {side: self._generate(*request, cancel, started) for side, request in requests.items()}
-            while streams:
-                for side in list(streams):  # one token of each answer in turn
-                    reply = next(streams[side], None)
-                    if reply is None:
-                        del streams[side]
-                        self._release(held, requests[side][0])  # its answer is over: others may use the model
-                        continue
-                    replies[side] = reply
-                    yield tuple(replies)
         finally:
-            for stream in streams.values():  # closed (stream by stream) before the locks are released
-                stream.close()
-            self._release(held)
+            gone.set()
+            for thread in threads:  # both answers have ended (their slots are free) when this returns
+                thread.join(10)

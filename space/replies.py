@@ -120,10 +120,13 @@ class Reply:
     finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
     error: str | None = None  # a message for the user instead of an answer
     status: str | None = None  # before the first token, what the answer waits for ("Model 3B is answering ...")
+    prompt_tokens: int | None = None  # the prompt's length in tokens (a local model's)
+    prompt_read: int | None = None  # how many of them this turn read; the rest were in the model's cache
+    token_times: tuple[float, ...] | None = None  # on the done Reply: perf_counter() of each sampled token
 
-    def add(self, piece: str, started: float) -> None:
-        """One streamed piece: the text grows, time to first token is set on the first (from `started`, when the
-        request came), tokens/s counts the pieces after it.
+    def add(self, piece: str, started: float, tokens: int = 1) -> None:
+        """One streamed piece of `tokens` tokens: the text grows, time to first token is set on the first (from
+        `started`, when the request came), tokens/s counts the tokens after it.
 
         >>> reply = Reply("")
         >>> reply.add("Hi", started=time.perf_counter()); reply.text, reply.tokens, reply.tokens_per_s is None
@@ -133,8 +136,8 @@ class Reply:
         if self.ttft_s is None:
             self.ttft_s = now - started
         self.text += piece
-        self.tokens += 1
-        if self.tokens > 1:
+        self.tokens += tokens
+        if self.tokens > 1 and now - started > self.ttft_s:
             self.tokens_per_s = (self.tokens - 1) / (now - started - self.ttft_s)
 
     def stats(self) -> str:
@@ -144,6 +147,8 @@ class Reply:
         'TTFT 0.12 s · 34.5 tok/s · 57 tokens'
         >>> Reply("Hi", ttft_s=0.5, tokens=1).stats()
         'TTFT 0.50 s · 1 token'
+        >>> Reply("Hi", ttft_s=0.5, tokens=1, prompt_tokens=1200, prompt_read=14).stats()
+        'TTFT 0.50 s · 1 token · read 14 of 1,200 prompt tokens'
         >>> Reply("").stats()
         ''
         >>> Reply("", status="Model 3B is answering another request; waiting for it (2 s).").stats()
@@ -155,6 +160,8 @@ class Reply:
         if self.tokens_per_s is not None:
             parts.append(f"{self.tokens_per_s:.1f} tok/s")
         parts.append(f"{self.tokens} token{'s' if self.tokens != 1 else ''}")
+        if self.prompt_read is not None:
+            parts.append(f"read {self.prompt_read:,} of {self.prompt_tokens:,} prompt tokens")
         return " · ".join(parts)
 
 

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import ARTIFACTS, REPO, free_port
 from space.catalog import ModelSpec, load_catalog
+from space.openai_server import batched_server_command
 from space.remote import RemoteModel
 from space.replies import Sampling, UserError
-from space.servers import (build_llama_server, llama_server_command, python_server_command, server_environment,
-                           wait_until_ready)
+from space.servers import build_llama_server, llama_server_command, server_environment, wait_until_ready
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -71,12 +71,12 @@ def test_the_client_gets_a_timeout_of_its_own_http_library(monkeypatch):
 
 @pytest.fixture(scope="module")
 def openai_server(tiny_gguf, tmp_path_factory):
-    """llama-cpp-python's OpenAI server on the tiny GGUF, started the way scripts/serve_openai.py starts it, with
-    an API key from the environment; yields (base_url, its log file)."""
+    """The no-compile OpenAI server (the Space's batched engine, space/openai_server.py) on the tiny GGUF, started the
+    way scripts/serve_openai.py --engine llama-cpp-python starts it, with an API key from the environment; yields
+    (base_url, its log file)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("openai-server") / "server.log"
-    argv = python_server_command(tiny_gguf, port=port, ctx=1024, alias="tiny")
-    argv[argv.index("--verbose") + 1] = "True"  # the log says when a client went away
+    argv = batched_server_command(tiny_gguf, port=port, ctx=1024, alias="tiny", slots=2)
     env = {**server_environment("llama-cpp-python", None), "API_KEY": "tiny-secret"}
     with log_path.open("w") as log:
         process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -117,9 +117,9 @@ def test_stop_closes_the_stream_and_the_server_stops(openai_server, monkeypatch)
             cancel.set()
     assert reply.done and reply.finish_reason == "cancelled" and reply.tokens < 10
     deadline = time.time() + 30
-    while "Disconnected from client" not in log_path.read_text() and time.time() < deadline:
+    while "client disconnected: answer stopped" not in log_path.read_text() and time.time() < deadline:
         time.sleep(0.2)
-    assert "Disconnected from client" in log_path.read_text()  # the server saw the client go and stopped
+    assert "client disconnected: answer stopped" in log_path.read_text()  # the server saw the client go and stopped
 
 
 def test_a_wrong_key_and_an_unreachable_server_are_one_line_each(openai_server, monkeypatch):
