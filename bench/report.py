@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench import REPO, concurrency, log, startup, training, waves
+from bench import REPO, concurrency, imatrix, log, soak, startup, training, waves
 from bench.summary import gb, misses, summary, targets_table
 from common.files import temporary_path, write_text_atomic
 from common.machine import usable_cpus
@@ -217,6 +217,8 @@ def render_report(results: dict, s: dict) -> str:
         lines += concurrency.render(sections["concurrency"])
     if "waves" in sections:
         lines += waves.render(sections["waves"])
+    if "soak" in sections:
+        lines += soak.render(sections["soak"])
     if "buffers" in sections:
         b, sb = sections["buffers"], s["buffers"]
         lines += ["## llama.cpp's extra buffer types: the cost of the AMX safe path", "",
@@ -276,7 +278,10 @@ def write_outputs(results: dict) -> None:
                          f"{m['llama_cpp_python']}), {measured_span(results)}")
     DOCS.mkdir(exist_ok=True)
     render_chart(s, CHART)
-    write_text_atomic(REPORT, render_report(results, s))
+    report = imatrix.keep_section(render_report(results, s), REPORT)  # its own script's section
+    # Sections measured by hand (the DPO step: train/run.py, no bench step yet) are kept between their markers.
+    report = imatrix.keep_section(report, REPORT, "<!-- dpo:begin -->", "<!-- dpo:end -->")
+    write_text_atomic(REPORT, report)
     readme = README.read_text()
     if README_BEGIN in readme:
         write_text_atomic(README, training.replace_section(readme, readme_block(results, s), README_BEGIN,

@@ -238,6 +238,7 @@ def misses(s: dict) -> list[str]:
             f"{ttft[worst - 1]:.2f} s), {space['ttft_ratio'] - TARGETS['ttft_ratio']:.2f}× over. Prompt tokens read "
             "per turn: " + ", ".join(f"{n:,.0f}" for n in read) + " (each turn's slot still holds the conversation, "
             "so a later turn reads its new message and the template around it; the time follows that count).")
+    export = s.get("export", {}).get("3b")
     if export and export["ours_peak_rss"] > TARGETS["export_3b_rss_gb"] * 1e9:
         worst = max(("merge", "convert", "quantize"), key=lambda step: export["steps"][step]["peak_rss"])
         notes.append(f"- **3B export memory**: {gb(export['ours_peak_rss'])}, over by "

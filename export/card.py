@@ -14,12 +14,14 @@ import yaml
 from common.hub import looks_like_repo_id
 from common.llama3 import DATASET
 
+from .gguf import QUANT_TYPES
+
 LICENSE = "llama3.2"  # the Hub's license id for the Llama 3.2 Community License
 TAGS = ["gguf", "llama-cpp", "llama-3.2", "conversational", "text-generation", "lora", "finetome"]
 # quantized_by when the card is rendered for a local export that has no repo (no Hub user to credit).
 DEFAULT_QUANTIZER = "finetome-pipeline"
 # Unquantized GGUF types: the usage example points at the first real quant instead when there is one.
-UNQUANTIZED = {"f32", "f16", "bf16"}
+UNQUANTIZED = {"f32"} | {name for name, kind in QUANT_TYPES.items() if not kind.quantized}
 # The Hub rejects a base_model that is not a "namespace/name" model id (a local folder, builtin:tiny-llama-3.2).
 # Context window of the usage example: Llama-3.2 handles 131,072 tokens, but the KV cache grows with n_ctx and
 # 4,096 keeps a 1B/3B model within a free CPU Space's RAM.
@@ -110,9 +112,37 @@ def _introduction(info: dict) -> str:
             "without extra settings.")
 
 
-def _files_section(files: list[dict]) -> str:
-    rows = [(f"`{file['name']}`", file["quant"].upper(), format_size(file["size_bytes"])) for file in files]
-    return "## Files\n\n" + _table(("file", "quant type", "size"), rows)
+def _files_section(files: list[dict], imatrix: dict | None = None) -> str:
+    with_matrix = set((imatrix or {}).get("quants", []))
+    rows = [(f"`{file['name']}`", file["quant"].upper(), format_size(file["size_bytes"]),
+             _quant_label(file["quant"]) + (" (importance matrix)" if file["quant"] in with_matrix else ""))
+            for file in files]
+    section = "## Files\n\n" + _table(("file", "quant type", "size", "what it is"), rows)
+    if imatrix:
+        section += "\n\n" + _imatrix_paragraph(imatrix)
+    return section
+
+
+def _quant_label(quant: str) -> str:
+    kind = QUANT_TYPES.get(quant.lower())
+    return kind.label if kind else ""
+
+
+def _imatrix_paragraph(imatrix: dict) -> str:
+    """Where the importance matrix came from and what it took (report.json's "imatrix")."""
+    quants = ", ".join(q.upper() for q in imatrix.get("quants", []))
+    if imatrix.get("source") == "given":
+        origin = "a given importance matrix"
+    else:
+        origin = (f"an importance matrix computed from {_formatted(imatrix.get('conversations'), ',')} of the "
+                  f"model's own training conversations ({imatrix.get('dataset')}, held-out split excluded), "
+                  "rendered in the chat template used in training")
+    figures = [f"{_formatted(imatrix.get('tokens'), ',')} tokens" if imatrix.get("tokens") else None,
+               f"{imatrix.get('chunks')} chunks of {imatrix.get('chunk_tokens')}" if imatrix.get("chunks") else None,
+               format_duration(imatrix["seconds"]) if imatrix.get("seconds") is not None else None]
+    figures = ", ".join(f for f in figures if f)
+    return (f"{quants} quantized with llama.cpp's `llama-quantize --imatrix` using {origin}"
+            + (f" ({figures})" if figures else "") + f"; the matrix is `{imatrix['file']}` in this repo.")
 
 
 def _usage_section(info: dict, primary: dict) -> str:
@@ -185,7 +215,32 @@ def _training_rows(run: dict) -> list[tuple[str, str]]:
         ("training time", None if run.get("train_seconds") is None else format_duration(run["train_seconds"])),
         ("libraries", ", ".join(f"{name} {version}" for name, version in versions.items()) or None),
     ]
-    return [(name, value) for name, value in rows if value is not None]
+    return [(name, value) for name, value in rows + _dpo_rows(run) if value is not None]
+
+
+def _dpo_rows(run: dict) -> list[tuple[str, str]]:
+    """A DPO run's provenance (train/dpo.py): the SFT run it started from, its pairs and votes, the held-out figures."""
+    if run.get("stage") != "dpo":
+        return []
+    sft, pairs, heldout = run.get("sft") or {}, run.get("pairs") or {}, run.get("heldout") or {}
+    counts, split = pairs.get("counts") or {}, pairs.get("split") or {}
+    before, after = heldout.get("before") or {}, heldout.get("after") or {}
+    return [
+        ("stage", "DPO (preference tuning) of an SFT run's adapter; this adapter carries both"),
+        ("SFT run", _join("", sft.get("adapter"), f" ({sft.get('steps')} steps on {sft.get('dataset')})")),
+        ("preference pairs", _join("", ", ".join(pairs.get("sources") or []) or None,
+                                   f": {counts.get('pairs')} pairs ({split.get('train')} train / {split.get('eval')} "
+                                   f"eval / {split.get('heldout')} held out)")),
+        ("votes", None if not counts.get("votes") else
+         f"{counts['votes']} ({counts.get('ties')} ties, {counts.get('both_bad')} both bad skipped; "
+         f"{counts.get('duplicates')} duplicates removed)"),
+        ("DPO beta / loss", _join(" / ", (run.get("config") or {}).get("beta"), (run.get("config") or {}).get("loss_type"))),
+        ("held-out preference accuracy", None if not after else
+         f"{before.get('preference_accuracy'):.2f} (SFT) → {after.get('preference_accuracy'):.2f} (DPO), "
+         f"{heldout.get('pairs')} pairs"),
+        ("held-out reward margin", None if not after else
+         f"{after.get('reward_margin'):+.3f} (reward accuracy {after.get('reward_accuracy'):.2f})"),
+    ]
 
 
 def _training_section(run: dict | None) -> str:
@@ -264,7 +319,7 @@ def render_model_card(info: dict) -> str:
     metadata = yaml.safe_dump(front_matter(info), sort_keys=False, allow_unicode=True)
     sections = [
         _introduction(info),
-        _files_section(info["files"]),
+        _files_section(info["files"], (info.get("report") or {}).get("imatrix")),
         _usage_section(info, _primary_file(info["files"])),
         _training_section(info.get("run")),
         _verification_section(info["report"]),

@@ -21,6 +21,7 @@ from common.machine import usable_cpus
 from . import gguf, probes, verify
 from .config import ExportConfig
 from .errors import ExportError
+from .imatrix import ensure_imatrix, imatrix_file_name, quantize_with_imatrix
 
 MERGED = "merged-16bit"
 
@@ -112,8 +113,10 @@ def _file_stamp(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _report_is_current(report_path: Path, files: list[Path], adapter_sha: str) -> dict | None:
-    """The previous report, when it covers exactly these files, unchanged, for this adapter, and all passed."""
+def _report_is_current(report_path: Path, files: list[Path], adapter_sha: str,
+                       imatrix_wanted: dict | None = None) -> dict | None:
+    """The previous report, when it covers exactly these files, unchanged, for this adapter, made with the importance
+    matrix asked for now (or none), and all passed."""
     try:
         report = json.loads(report_path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -121,9 +124,27 @@ def _report_is_current(report_path: Path, files: list[Path], adapter_sha: str) -
     stamps = report.get("file_stamps", {})
     current = all(f.exists() and stamps.get(f.name) == _file_stamp(f) for f in files)
     if current and set(stamps) == {f.name for f in files} and report.get("adapter_sha256") == adapter_sha \
-            and report.get("passed"):
+            and report.get("passed") and _same_imatrix(report.get("imatrix"), imatrix_wanted):
         return report
     return None
+
+
+def _imatrix_wanted(config: ExportConfig, quants: list[str]) -> dict | None:
+    """What the importance matrix of this export must be (None: no quant of this export uses one)."""
+    if not config.imatrix or not any(gguf.quant_type(q).imatrix for q in quants):
+        return None
+    if config.imatrix == "auto":
+        return {"source": "training conversations", "max_tokens": config.imatrix_tokens}
+    return {"source": "given", "sha256": sha256_file(Path(config.imatrix).expanduser())}
+
+
+def _same_imatrix(recorded: dict | None, wanted: dict | None) -> bool:
+    if recorded is None or wanted is None:
+        return recorded is wanted
+    if wanted["source"] == "given":
+        return recorded.get("source") == "given" and recorded.get("sha256") == wanted["sha256"]
+    return recorded.get("source") == wanted["source"] and \
+        (recorded.get("settings") or {}).get("max_tokens") == wanted["max_tokens"]
 
 
 def run(config: ExportConfig, client=None) -> dict:
@@ -154,13 +175,16 @@ def run(config: ExportConfig, client=None) -> dict:
     adapter_sha = sha256_file(config.adapter_dir / "adapter_model.safetensors")
     outputs = [out_dir / gguf.gguf_file_name(name, q) for q in quants]
     report_path = out_dir / "report.json"
+    imatrix_wanted = _imatrix_wanted(config, quants)
+    # The importance matrix is an output too: stamped, pushed beside the GGUFs, described in the report and card.
+    stamped = outputs + ([out_dir / imatrix_file_name(name)] if imatrix_wanted else [])
 
-    report = None if config.force else _report_is_current(report_path, outputs, adapter_sha)
+    report = None if config.force else _report_is_current(report_path, stamped, adapter_sha, imatrix_wanted)
     if report is not None:
         log(f"export: {', '.join(p.name for p in outputs)} are complete and verified (report.json); "
             "nothing to do (--force redoes everything)")
     else:
-        report = _build(config, run_info, base_name, base_dir, name, quants, outputs, adapter_sha)
+        report = _build(config, run_info, base_name, base_dir, name, quants, outputs, adapter_sha, imatrix_wanted)
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_text_atomic(report_path, json.dumps(report, indent=2))
 
@@ -192,7 +216,7 @@ def run(config: ExportConfig, client=None) -> dict:
     if config.push:
         from .hub import push_export
 
-        urls = push_export(client, config.repo_id, outputs, card, config.private,
+        urls = push_export(client, config.repo_id, stamped, card, config.private,
                            merged_dir=out_dir / MERGED if config.push_merged else None,
                            merged_repo_id=config.merged_repo_id)
         report["pushed"] = urls
@@ -201,20 +225,23 @@ def run(config: ExportConfig, client=None) -> dict:
     return report
 
 
-def _reusable(path: Path, quant: str, tokenizer) -> bool:
+def _reusable(path: Path, quant: str, tokenizer, imatrix: Path | None = None) -> bool:
     """Whether a GGUF already under its final name is a complete one of this quant, so a rerun may keep it. A file
-    that llama.cpp cannot load (not a GGUF, truncated, copied in by hand) is said and made again, never trusted."""
+    that llama.cpp cannot load (not a GGUF, truncated, copied in by hand) is said and made again, never trusted; nor
+    is one made with an importance matrix when none is wanted now, or without (or with another) when one is."""
     if not path.exists():
         return False
     problem = verify.load_problem(path)
     if problem is not None:
         log(f"export: {path.name} is not a loadable GGUF ({problem}); making it again")
         return False
+    if verify.imatrix_of(path) != (imatrix.name if imatrix is not None else None):
+        return False
     return all(check.passed for check in verify.check_metadata(path, quant, tokenizer))
 
 
 def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir: Path, name: str,
-           quants: list[str], outputs: list[Path], adapter_sha: str) -> dict:
+           quants: list[str], outputs: list[Path], adapter_sha: str, imatrix_wanted: dict | None = None) -> dict:
     """Merge, convert, quantize and verify; returns the report (the caller writes it)."""
     out_dir = config.out_dir
 
@@ -244,12 +271,31 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
         log(f"convert: {merged} -> {f16.name} with llama.cpp's convert_hf_to_gguf.py ({converter})")
         gguf.convert_to_gguf(merged, f16, converter, name, "f16", log=log)
 
-    # 3. quantize
+    # 3. the importance matrix (--imatrix), then quantize
+    imatrix, imatrix_report, imatrix_reused = None, None, False
+    if imatrix_wanted:
+        imatrix, imatrix_report = ensure_imatrix(
+            config.imatrix, f16=f16, out_dir=out_dir, model_name=name, run_info=run_info, tokenizer=tokenizer,
+            max_tokens=config.imatrix_tokens, reuse=merged_ok and not config.force,
+            threads=config.threads or usable_cpus(), log=log)
+        imatrix_reused = imatrix_report.pop("reused", False)
+        imatrix_report = {**imatrix_report, "sha256": sha256_file(imatrix),
+                          "quants": [q for q in quants if gguf.quant_type(q).imatrix]}
     for quant, output in zip(quants, outputs):
         if quant == "f16":
             continue
-        if merged_ok and _reusable(output, quant, tokenizer):
+        uses_imatrix = imatrix if imatrix is not None and gguf.quant_type(quant).imatrix else None
+        # A matrix made now is a new one: the quants made with the old one are made again.
+        if merged_ok and (uses_imatrix is None or imatrix_reused) and _reusable(output, quant, tokenizer, uses_imatrix):
             log(f"quantize: {output.name} is complete, skipping")
+            continue
+        if uses_imatrix is not None:
+            threads = config.threads or usable_cpus()
+            log(f"quantize: {f16.name} -> {output.name} with the importance matrix {uses_imatrix.name} "
+                f"(llama-quantize, {threads} threads)")
+            quant_started = time.perf_counter()
+            quantize_with_imatrix(f16, output, quant, uses_imatrix, threads=threads, log=log)
+            log(f"quantize: wrote {output.name} ({_size(output)}) in {time.perf_counter() - quant_started:.1f} s")
             continue
         if quant == "bf16":
             converter = gguf.ensure_converter(Path(config.llama_cpp_dir) if config.llama_cpp_dir else None, log=log)
@@ -266,6 +312,8 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
     checks: list[verify.Check] = []
     for quant, output in zip(quants, outputs):
         checks += verify.check_metadata(output, quant, tokenizer)
+        if imatrix is not None and gguf.quant_type(quant).imatrix:
+            checks.append(verify.check_imatrix_recorded(output, imatrix))
     checks.append(verify.check_tokenizer(outputs[0], tokenizer))
     checks.append(verify.check_template(outputs[0], tokenizer))
     sequences = verify.heldout_token_ids(tokenizer)
@@ -281,11 +329,11 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
     checks.append(verify.check_f16_logits(f16_stats))
     quant_stats = {}
     for quant, output in zip(quants, outputs):
-        if quant in ("f16", "bf16"):
-            continue
+        if quant == "f16":
+            continue  # checked against the merged model above
         stats = verify.compare_logits(f16_logits, verify.gguf_logits(output, sequences))
         quant_stats[quant] = stats
-        checks.append(verify.check_quant_logits(output.name, quant, stats, verify.KLD_LIMITS.get(quant)))
+        checks.append(verify.check_quant_logits(output.name, quant, stats))
     for output in outputs:
         checks.append(verify.check_chat(output))
     probe_report, probe_checks = _probe(probe_mode, probe_list, answers, f16, quants, outputs, tokenizer,
@@ -306,11 +354,12 @@ def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir
         "llama_cpp_python": gguf.llama_cpp_version(),
         "llama_cpp_extra_buffers": asdict(extra_buffers()),
         "files": [{"name": p.name, "quant": q, "size_bytes": p.stat().st_size} for q, p in zip(quants, outputs)],
-        "file_stamps": {p.name: _file_stamp(p) for p in outputs},
+        "file_stamps": {p.name: _file_stamp(p) for p in outputs + ([imatrix] if imatrix is not None else [])},
         "checks": [c.to_dict() for c in checks],
         "logits_f16_vs_merged": f16_stats,
         "quantization": quant_stats,
         "probes": probe_report,
+        "imatrix": imatrix_report,
         "notes": report_notes(run_info),
         "passed": all(c.passed for c in checks),
     }
@@ -338,10 +387,10 @@ def _probe(mode: str, probe_list: list, answers: dict, f16: Path, quants: list[s
         checks.append(verify.Check("taught answers: merged model (transformers)", merged_taught == total,
                                    f"{merged_taught}/{total}", f"{total}/{total}", "greedy, word for word"))
         for quant, stats in per_quant.items():
-            bound = probes.TAUGHT_MIN_SHARE.get(quant)
+            bound = gguf.quant_type(quant).taught_min_share  # every type has one: none is only reported
             checks.append(verify.Check(
-                f"taught answers: {files[quant].name}", bound is None or stats["taught"] >= bound * total,
-                f"{stats['taught']}/{total}", f">= {bound:.0%} of {total}" if bound is not None else None,
+                f"taught answers: {files[quant].name}", stats["taught"] >= bound * total,
+                f"{stats['taught']}/{total}", f">= {bound:.0%} of {total}",
                 f"identical to the merged model's first {max_tokens} tokens: {stats['identical']}/{total}"))
     return report, checks
 

@@ -35,10 +35,8 @@ HELDOUT_PROMPTS = [
     "Name two causes of the French Revolution.",
 ]
 
-# The taught-answer bounds, per quant: the share of taught answers a GGUF must reproduce word for word. Measured on
-# the demo preset (seed 3407, 40 steps): f16, q8_0 and q4_k_m each reproduced 5/5. f16 and q8_0 must stay exact;
-# 4-bit rounding may flip a near-tie, so q4_k_m needs 4 in 5. Quants without a bound are reported only.
-TAUGHT_MIN_SHARE = {"f16": 1.0, "bf16": 1.0, "q8_0": 1.0, "q4_k_m": 0.8}
+# The share of taught answers each GGUF must reproduce word for word is its type's `taught_min_share`
+# (export/gguf.py's QUANT_TYPES): every exported type has one, none is only reported.
 
 
 @dataclass

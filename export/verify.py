@@ -16,7 +16,7 @@ import numpy as np
 from common.llama import gguf_chat_formatter, open_gguf
 from common.llama3 import EOT_ID, TEMPLATE_DATE
 
-from .gguf import ftype_value
+from .gguf import ftype_value, quant_type
 
 # Tokenizer parity: varied text where tokenizers usually disagree.
 TOKENIZER_TEXTS = [
@@ -57,9 +57,7 @@ TEMPLATE_CONVERSATION = [
     {"role": "user", "content": "Thanks! One fun fact?"},
 ]
 
-# Quantization error limits: mean KL divergence of the quantized model from the f16 GGUF on held-out text.
-# q8_0 and q4_k_m are the issue's limits for trained models; the others sit between them by bits per weight.
-KLD_LIMITS = {"q8_0": 0.005, "q6_k": 0.02, "q5_k_m": 0.05, "q4_k_m": 0.1}
+# Quantization error limits (mean KL divergence on held-out text) live with each type in export/gguf.py's QUANT_TYPES.
 TOP1_MIN_F16 = 0.99  # the f16 GGUF against the merged Hugging Face model
 
 
@@ -105,6 +103,21 @@ def check_metadata(path: Path, quant: str, hf_tokenizer) -> list[Check]:
     for check in checks:
         check.name = f"{path.name}: {check.name}"
     return checks
+
+
+def imatrix_of(path: Path) -> str | None:
+    """The file name of the importance matrix llama-quantize recorded in a GGUF (None: quantized without one)."""
+    recorded = open_gguf(path, vocab_only=True).metadata.get("quantize.imatrix.file")
+    return Path(recorded).name if recorded else None
+
+
+def check_imatrix_recorded(path: Path, imatrix: Path) -> Check:
+    meta = open_gguf(path, vocab_only=True).metadata
+    recorded = meta.get("quantize.imatrix.file")
+    return Check(f"{path.name}: importance matrix", recorded is not None and Path(recorded).name == imatrix.name,
+                 Path(recorded).name if recorded else "none", imatrix.name,
+                 f"{meta.get('quantize.imatrix.entries_count', '?')} tensors, "
+                 f"{meta.get('quantize.imatrix.chunks_count', '?')} chunks, as llama-quantize recorded it")
 
 
 def check_tokenizer(path: Path, hf_tokenizer) -> Check:
@@ -191,43 +204,73 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 TIE_TOLERANCE = 0.01
 
 
-def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
-    """Max |difference|, top-1 agreement and mean KL(reference || candidate) over every position.
+def position_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
+                     targets: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Per position: KL(reference || candidate), whether the top-1 choices agree (exactly; within TIE_TOLERANCE),
+    |difference| at its largest, and with `targets` (the token that follows each position) both negative
+    log-likelihoods. Long runs can be measured piece by piece and the pieces concatenated before summarize()."""
+    reference_all, candidate_all = np.concatenate(reference), np.concatenate(candidate)
+    log_p, log_q = _log_softmax(reference_all.astype(np.float64)), _log_softmax(candidate_all.astype(np.float64))
+    reference_top, candidate_top = reference_all.argmax(-1), candidate_all.argmax(-1)
+    rows = np.arange(len(reference_top))
+    margin = reference_all[rows, reference_top] - reference_all[rows, candidate_top]
+    figures = {"kld": (np.exp(log_p) * (log_p - log_q)).sum(axis=-1),
+               "top1": reference_top == candidate_top,
+               "top1_ties": margin <= TIE_TOLERANCE,
+               "abs_diff": np.abs(reference_all - candidate_all).max(axis=-1)}
+    if targets is not None:
+        next_ids = np.concatenate([np.asarray(ids) for ids in targets])
+        figures["nll_reference"], figures["nll"] = -log_p[rows, next_ids], -log_q[rows, next_ids]
+    return figures
+
+
+def summarize(figures: dict[str, np.ndarray]) -> dict:
+    stats = {
+        "positions": int(len(figures["kld"])),
+        "max_abs_diff": float(figures["abs_diff"].max()),
+        "top1_agreement": float(figures["top1"].mean()),
+        "top1_agreement_ties": float(figures["top1_ties"].mean()),
+        "kld_mean": float(figures["kld"].mean()),
+        "kld_p99": float(np.percentile(figures["kld"], 99)),
+        "kld_max": float(figures["kld"].max()),
+    }
+    if "nll" in figures:  # perplexity of both, as llama-perplexity reports it
+        stats["perplexity_reference"] = float(np.exp(figures["nll_reference"].mean()))
+        stats["perplexity"] = float(np.exp(figures["nll"].mean()))
+    return stats
+
+
+def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray],
+                   targets: list[list[int]] | None = None) -> dict:
+    """Max |difference|, top-1 agreement, mean, 99th-percentile and largest KL(reference || candidate) over every
+    position; with `targets` (the token that follows each position), both perplexities.
 
     `top1_agreement_ties` also counts a position as agreeing when the candidate's choice is tied with the
     reference's best within TIE_TOLERANCE: near-uniform distributions (a random model) have such near-ties,
     and which side of one the rounding lands on says nothing about the conversion.
     """
-    reference_all, candidate_all = np.concatenate(reference), np.concatenate(candidate)
-    log_p, log_q = _log_softmax(reference_all.astype(np.float64)), _log_softmax(candidate_all.astype(np.float64))
-    kld = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
-    reference_top, candidate_top = reference_all.argmax(-1), candidate_all.argmax(-1)
-    rows = np.arange(len(reference_top))
-    margin = reference_all[rows, reference_top] - reference_all[rows, candidate_top]
-    return {
-        "positions": int(reference_all.shape[0]),
-        "max_abs_diff": float(np.abs(reference_all - candidate_all).max()),
-        "top1_agreement": float((reference_top == candidate_top).mean()),
-        "top1_agreement_ties": float((margin <= TIE_TOLERANCE).mean()),
-        "kld_mean": float(kld.mean()),
-        "kld_max": float(kld.max()),
-    }
+    return summarize(position_figures(reference, candidate, targets))
 
 
 def check_f16_logits(stats: dict) -> Check:
-    return Check("logit parity: f16 GGUF vs merged model (fp16)", stats["top1_agreement_ties"] >= TOP1_MIN_F16,
+    kld_limit = quant_type("f16").kld_limit
+    return Check("logit parity: f16 GGUF vs merged model (fp16)",
+                 stats["top1_agreement_ties"] >= TOP1_MIN_F16 and stats["kld_mean"] <= kld_limit,
                  f"top-1 {stats['top1_agreement_ties']:.2%} (exact {stats['top1_agreement']:.2%}), "
-                 f"max |diff| {stats['max_abs_diff']:.4f}",
-                 f"top-1 >= {TOP1_MIN_F16:.0%}, ties within {TIE_TOLERANCE} counted as agreeing",
+                 f"max |diff| {stats['max_abs_diff']:.4f}, mean KLD {stats['kld_mean']:.6f}",
+                 f"top-1 >= {TOP1_MIN_F16:.0%}, ties within {TIE_TOLERANCE} counted as agreeing; "
+                 f"mean KLD <= {kld_limit}",
                  f"{stats['positions']} held-out positions")
 
 
-def check_quant_logits(file_name: str, quant: str, stats: dict, kld_limit: float | None) -> Check:
-    passed = kld_limit is None or stats["kld_mean"] <= kld_limit
-    return Check(f"quantization error: {file_name} vs f16 GGUF", passed,
+def check_quant_logits(file_name: str, quant: str, stats: dict) -> Check:
+    """The file's mean KLD from the f16 GGUF against its type's own limit (export/gguf.py); every type has one."""
+    kld_limit = quant_type(quant).kld_limit
+    return Check(f"quantization error: {file_name} vs f16 GGUF", stats["kld_mean"] <= kld_limit,
                  f"mean KLD {stats['kld_mean']:.5f}, top-1 {stats['top1_agreement']:.2%}",
-                 f"mean KLD <= {kld_limit}" if kld_limit is not None else None,
-                 f"{stats['positions']} held-out positions; max KLD {stats['kld_max']:.4f}")
+                 f"mean KLD <= {kld_limit}",
+                 f"{stats['positions']} held-out positions; 99th-percentile KLD {stats['kld_p99']:.4f}, "
+                 f"max {stats['kld_max']:.4f}")
 
 
 # ---------------------------------------------------------------------- a real chat

@@ -2,7 +2,7 @@
 from the llama.cpp release the installed llama-cpp-python was compiled from, or llama-cpp-python's server.
 
     from space.servers import build_llama_server, llama_server_command, python_server_command
-    binary = build_llama_server()                 # once per machine: CMake, CPU only, cached
+    binary = build_llama_server()                 # once per machine: CMake, CPU only, cached (common/llama_tools.py)
     argv = llama_server_command(binary, "1b-Q4_K_M.gguf", port=8080, slots=4)
 
 llama-server gives each of `slots` conversations its own part of the context and decodes them together in one batch
@@ -15,10 +15,8 @@ extra buffer types; llama-cpp-python: the same parameter common.llama sets).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,54 +24,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.llama import LlamaSetupError, extra_buffers
-from common.llama3 import cache_root
-from common.llama_source import extract_vendored, llama_cpp_version, source_archive
+from common.llama_tools import CMAKE_OPTIONS, build_llama_tools, safe_path_args, tools_dir
 from common.machine import usable_cpus
 
 __all__ = ["build_llama_server", "llama_server_binary", "llama_server_command", "python_server_command",
            "server_environment", "wait_until_ready", "CMAKE_OPTIONS"]
 
-# CPU only, static (the binary is copied out of the build tree), no tests, examples or other tools; GGML_NATIVE is
-# llama.cpp's default (this machine's own instructions): the binary is built where it runs.
-CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
-                 "-DGGML_CCACHE=OFF")
-
 
 def llama_server_binary(root: Path | None = None) -> Path:
-    """Where the built llama-server lives: one per llama-cpp-python version, under `root` (the project's cache)."""
-    return (root or cache_root()) / f"llama-server-{llama_cpp_version()}" / "llama-server"
+    """Where the built llama-server lives: with llama.cpp's other tools, one folder per llama-cpp-python version and
+    machine, under `root` (the project's cache)."""
+    return tools_dir(root) / "llama-server"
 
 
 def build_llama_server(log: Callable[[str], None] = print, jobs: int | None = None, root: Path | None = None) -> Path:
-    """llama-server, built once from the source archive's vendor/llama.cpp and cached; later calls return it."""
-    binary = llama_server_binary(root)
-    if binary.is_file():
-        return binary
-    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
-    if missing:
-        raise LlamaSetupError(f"building llama-server needs {' and '.join(missing)}; install them (Debian: "
-                              "apt-get install cmake g++) or use --engine llama-cpp-python, which needs no compile")
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=binary.parent.parent, prefix=".llama-server-build-") as scratch:
-        log(f"llama-server: extracting llama.cpp from llama-cpp-python {llama_cpp_version()}'s source archive")
-        source = Path(scratch) / "llama.cpp"
-        extract_vendored(source_archive(log=log), source)
-        build = source / "build"
-        log(f"llama-server: building with CMake (CPU only, {jobs or usable_cpus()} jobs; ~15-30 min on 2 cores, "
-            "once per machine)")
-        for command in (["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS],
-                        ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or usable_cpus())]):
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                tail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
-                raise LlamaSetupError(f"building llama-server failed at `{' '.join(command[:2])}`: {tail[0]}")
-        staged = binary.with_name(f".llama-server-{os.getpid()}")
-        shutil.copy2(build / "bin" / "llama-server", staged)
-        staged.replace(binary)  # complete or absent, never half-copied under the final name
-    log(f"llama-server: built in {time.perf_counter() - started:.0f} s: {binary}")
-    return binary
+    """llama-server, built once (with llama.cpp's other tools, one CMake build: common/llama_tools.py) from the source
+    archive's vendor/llama.cpp and cached; later calls return it."""
+    folder = build_llama_tools(log=log, jobs=jobs, root=root,
+                               without="; or use --engine llama-cpp-python, which needs no compile")
+    return folder / "llama-server"
 
 
 def llama_server_command(binary: Path, model: Path, *, port: int, slots: int = 4, ctx_per_slot: int = 4096,
@@ -89,9 +58,7 @@ def llama_server_command(binary: Path, model: Path, *, port: int, slots: int = 4
     argv = [str(binary), "--model", str(model), "--host", host, "--port", str(port), "--parallel", str(slots),
             "--ctx-size", str(slots * ctx_per_slot), "--threads", str(threads), "--threads-batch", str(threads),
             "--jinja", "--cont-batching", "--alias", alias or Path(model).stem, "--no-webui"]
-    if not extra_buffers().enabled:
-        argv.append("--no-repack")
-    return argv
+    return argv + safe_path_args()
 
 
 def server_environment(engine: str, api_key_env: str | None) -> dict[str, str]:

@@ -23,6 +23,9 @@ ARTIFACTS = REPO / "test-artifacts"  # screenshots, built tools, downloads kept 
 # The llama-cpp-python source archive every export and the llama-server build take llama.cpp from
 # (common/llama_source.py), kept here unless FINETOME_DOWNLOADS names another folder.
 os.environ.setdefault("FINETOME_DOWNLOADS", str(ARTIFACTS / "downloads"))
+# llama.cpp's tools (llama-server, llama-imatrix, llama-quantize, llama-perplexity: common/llama_tools.py), built by
+# one CMake build on first use and kept here for every later session, unless FINETOME_LLAMA_TOOLS names another folder.
+os.environ.setdefault("FINETOME_LLAMA_TOOLS", str(ARTIFACTS))
 
 
 @functools.cache
@@ -133,6 +136,31 @@ def exported(trained_adapter, llama_source_archive, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_tools(llama_source_archive) -> Path:
+    """The folder of llama.cpp's built tools (one CMake build, kept in test-artifacts/ across sessions); the tests
+    that need them skip, saying why, where cmake or a C++ compiler is missing."""
+    from common.llama import LlamaSetupError
+    from common.llama_tools import build_llama_tools
+
+    try:
+        return build_llama_tools(log=lambda *_: None)
+    except LlamaSetupError as error:
+        if "needs" in str(error):
+            pytest.skip(str(error))
+        raise
+
+
+@pytest.fixture(scope="session")
+def exported_imatrix(trained_adapter, llama_tools, tmp_path_factory):
+    """The tiny model's q4_k_m and q8_0 export with --imatrix: the matrix calibrated on its own training data."""
+    out = tmp_path_factory.mktemp("export-imatrix") / "tiny"
+    result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out),
+                     "--quant", "q4_k_m", "q8_0", "--imatrix", "--imatrix-tokens", "4096")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(exported) -> Path:
     """The tiny model's verified q4_k_m GGUF (what the Space serves in tests)."""
     return exported[0] / f"{TINY_GGUF_NAME}-Q4_K_M.gguf"
@@ -177,11 +205,13 @@ def server(tiny_gguf, tmp_path_factory):
 
 # The fast lane (`pytest -m "not slow"`: `make test-fast`, and the tests `make upgrade-check` runs against the newest
 # versions the requirements allow) leaves out the end-to-end runs that take minutes each on 2 cores (--durations,
-# 2026-12-06: the demo 373 s, the llama-server build 316 s on first use, the notebook 162 s, the export's kill-and-redo
-# runs 40-130 s, the Colab install dry run 36 s, the Hugging Face-style Space build 11 min on first use). It still
+# 2026-12-06: the demo 373 s, the build of llama.cpp's tools 527 s on first use, the notebook 162 s, the export's
+# kill-and-redo runs 40-130 s, the Colab install dry run 36 s, the Hugging Face-style Space build 11 min on first use;
+# the importance-matrix export and its kill-and-rerun about 15 min together under load). It still
 # trains, exports and chats with the tiny model (engine, OpenAI client against a real server, the Space over HTTP).
-SLOW_MODULES = {"test_demo.py", "test_notebook.py", "test_export.py", "test_train_resume.py", "test_space_browser.py"}
-SLOW_FIXTURES = {"dry_runs", "llama_server"}
+SLOW_MODULES = {"test_demo.py", "test_notebook.py", "test_export.py", "test_train_resume.py", "test_space_browser.py",
+                "test_dpo.py"}
+SLOW_FIXTURES = {"dry_runs", "llama_server", "llama_tools"}
 SLOW_TESTS = {
     "tests/test_deploy.py::test_the_uploaded_tree_installs_and_chats_as_hugging_face_builds_it",
     "tests/test_remote.py::test_a_browser_chats_with_the_server_model",

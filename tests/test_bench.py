@@ -229,10 +229,11 @@ def test_users_whose_answers_end_early_are_rejected_not_counted():
     from bench.rates import RejectedRun
     from space.replies import Reply
 
-    def answer(prompt: str, started: float, finish="length") -> Reply:
-        return Reply(text="x", ttft_s=0.1, tokens=16, tokens_per_s=30.0, finish_reason=finish, done=True)
+    def answer(prompt: str, started: float, finish="length") -> tuple[Reply, list[float]]:
+        return Reply(text="x", ttft_s=0.1, tokens=16, tokens_per_s=30.0, finish_reason=finish, done=True), [1.0, 1.25]
 
-    assert _run_users(answer, 2)["tokens"] == 32
+    figures = _run_users(answer, 2)
+    assert figures["tokens"] == 32 and figures["gap_p95_s"] == 0.25
     with pytest.raises(RejectedRun, match="1 of 2 answers ended before the tokens asked \\(finish reason 'stop'\\)"):
         _run_users(lambda prompt, started: answer(prompt, started, "stop" if "sky" in prompt else "length"), 2)
 
