@@ -53,7 +53,7 @@ def _act(url: str, labels: list[str], action: str, rng: random.Random, new_token
             for turn in range(turns):  # the session's history stays in the Space (gr.State), as a browser's does
                 text = (f"Question {turn + 1}: explain topic {rng.randint(0, 999)} simply." if action == "conversation"
                         else f"Summarize this: {PASTE}")
-                answer, _, stats = client.predict(text, label, "", 0.7, 0.9, new_tokens, api_name="/chat")
+                answer, stats = client.predict(text, label, "", 0.7, 0.9, new_tokens, api_name="/chat")
                 if "tok/s" not in stats and "token" not in stats:
                     return f"{action} turn {turn + 1} without statistics: {str(answer)[:200]}", turn + 1
             return None, turns
@@ -69,7 +69,7 @@ def _act(url: str, labels: list[str], action: str, rng: random.Random, new_token
             time.sleep(0.2)
         if action == "stop":
             client.predict(api_name="/stop_chat")
-            answer, _, _ = job.result(timeout=60)
+            answer, _ = job.result(timeout=60)
             return (None if answer else "stopped answer came back empty"), 2
         job.cancel()  # a closed tab
         return None, 1

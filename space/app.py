@@ -5,7 +5,7 @@
     python space/app.py --model X-Q4_K_M.gguf --share    # also a public *.gradio.live link (Colab, a laptop)
 
 The same file is the Space's app_file (space/app.py there too: the Space's tree mirrors the repo's). The UI is
-thin: every decision (templating, trimming, locking, validation, sampling bounds) is made by the space package's
+thin: every decision (templating, trimming, batching, validation, sampling bounds) is made by the space package's
 pure modules (space.engine.Engine and its neighbours), which the tests drive without a browser.
 API: `/chat` (one streamed turn), `/compare` (the same message to two models), `/vote` (after a compare),
 `/stop_chat` and `/stop_compare` (the Stop buttons: end the session's answers at their next token),

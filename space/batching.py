@@ -112,6 +112,10 @@ class BatchedDecoder:
         params.kv_unified = False  # each slot its own n_ctx cells: no conversation takes another's room
         params.n_threads = params.n_threads_batch = n_threads or llm.n_threads
         params.no_perf = True
+        # As llama-cpp-python's Llama (flash_attn=False) and so the previous engine and compare's get(): the same
+        # greedy answers. llama.cpp's own default (auto) turns it on for CPUs; measured side by side in
+        # docs/benchmarks.md ("N users at once") against llama-server, which uses that default.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
         if self.ctx is None:
             raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} tokens for {label}")
@@ -347,28 +351,43 @@ class BatchedDecoder:
         job._held = ""
         for stop in job.stop_strings:
             if (at := text.find(stop)) >= 0:
-                if at:
-                    job.emit(Piece(text[:at], job._unsent))
-                    job._unsent = 0
+                self._send(job, text[:at])
                 self._finish(job, "stop", flush=False)
                 return
         hold = max((n for stop in job.stop_strings for n in range(1, len(stop))
                     if text.endswith(stop[:n])), default=0)
         text, job._held = (text[:-hold], text[-hold:]) if hold else (text, "")
-        if text:
-            job.emit(Piece(text, job._unsent))
-            job._unsent = 0
+        self._send(job, text)
         slot = self.slots[job.slot]
         if len(job.generated) >= job.sampling.max_new_tokens or len(slot.tokens) + 1 >= self.n_ctx:
             self._finish(job, "length")
+
+    def _send(self, job: Job, text: str) -> None:
+        """Stream `text` for the tokens sampled since the last piece, noting where it is not those tokens' own
+        pieces (job.streamed): the earlier ones streamed nothing, the last one all of it."""
+        if not text:
+            return  # bytes held back (half a character, the start of a stop string): they come with a later token
+        last = len(job.generated) - 1
+        group = range(max(0, last - job._unsent + 1), last + 1)
+        data = text.encode("utf-8")
+        if data != b"".join(self.piece(job.generated[position]) for position in group):
+            for position in group:
+                job.streamed[position] = data if position == last else b""
+        job.emit(Piece(text, max(1, job._unsent)))
+        job._unsent = 0
 
     def _finish(self, job: Job, reason: str, error: str | None = None, flush: bool = True) -> None:
         if job.finished:
             return
         job.finished = True
         rest = job._held + job._utf8.flush()
-        if rest and flush and error is None:
-            job.emit(Piece(rest, max(1, job._unsent)))
+        if rest and flush and error is None and job.generated:
+            if job._unsent:
+                self._send(job, rest)
+            else:  # held back from tokens already streamed in part: the rest of the last one's text
+                last = len(job.generated) - 1
+                job.streamed[last] = job.streamed.get(last, b"") + rest.encode("utf-8")
+                job.emit(Piece(rest, 0))
         if job._sampler is not None:
             llama_cpp.llama_sampler_free(job._sampler)
             job._sampler = None

@@ -27,6 +27,7 @@ import queue
 import random
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,11 +60,11 @@ MAX_CONVERSATIONS = 1000  # conversations whose sampled tokens are kept (a sessi
 
 
 def cache_bytes_from_env() -> int:
-    """The prompt-state cache bound per model, in bytes, from $SPACE_CACHE_MB (MiB; 0 turns the cache off)."""
+    """The bound on saved conversation states per model, in bytes, from $SPACE_CACHE_MB (MiB; 0 turns them off)."""
     setting = os.environ.get(CACHE_MB_ENV, "").strip() or str(DEFAULT_CACHE_MB)
     if not setting.isdigit():
         raise UserError(f"{CACHE_MB_ENV}={setting!r}: expected a whole number of MiB, e.g. {DEFAULT_CACHE_MB} "
-                        "(0 turns the prompt-state cache off)")
+                        "(0 turns the saved conversation states off)")
     return int(setting) * 2**20
 
 
@@ -147,7 +148,7 @@ class Engine:
         # One thread decodes for every model (space/batching.py): the models never split the CPUs between them.
         self._scheduler = Scheduler()
         # The tokens each conversation's turns produced, by (session, label): its next turn continues from them.
-        self._conversations: OrderedDict[tuple, list[int]] = OrderedDict()
+        self._conversations: OrderedDict[tuple, tuple[array, dict[int, bytes]]] = OrderedDict()
         self._conversations_lock = threading.Lock()
         # Models behind an OpenAI-compatible server (space/remote.py): the server queues or batches.
         self._remote = {spec.label: RemoteModel(spec) for spec in catalog if spec.is_remote}
@@ -264,11 +265,12 @@ class Engine:
                 self._conversations.move_to_end(key)
         return ([own] if own else []) + self._decoders[key[1]].known_tokens()
 
-    def _remember(self, key: tuple | None, tokens: list[int]) -> None:
+    def _remember(self, key: tuple | None, tokens: list[int], streamed: dict[int, bytes]) -> None:
         if key is None or key[0] is None:
             return
         with self._conversations_lock:
-            self._conversations[key] = tokens
+            # 4 bytes a token (a list of Python ints takes ~36): 1,000 full 4,096-token conversations are 16 MiB.
+            self._conversations[key] = (array("i", tokens), streamed)
             self._conversations.move_to_end(key)
             while len(self._conversations) > MAX_CONVERSATIONS:
                 self._conversations.popitem(last=False)
@@ -285,7 +287,7 @@ class Engine:
             # The prompt continues from the tokens the conversation's turns produced (its own record, or a slot or
             # state that holds them) wherever they spell the same text: the sampled tokens are kept, and the slot
             # holding them reads only what is new (space/prompt.py, space/batching.py).
-            tokens, rendered = model.prompt_tokens(messages, self._known(key))
+            tokens, rendered, streamed = model.continue_from(messages, self._known(key))
             job = decoder.submit(tokens, sampling, self._seeds[label].getrandbits(32),
                                  stop_tokens=model.stop_tokens(), stop_strings=model.stop_strings(rendered),
                                  cancel=cancel)
@@ -311,7 +313,8 @@ class Engine:
                 events.close()  # a stopped or abandoned answer frees its slot at the next step
             reply.token_times = tuple(job.sampled_at)
             if reply.finish_reason in ("stop", "length"):
-                self._remember(key, tokens + job.generated)
+                streamed.update({len(tokens) + position: data for position, data in job.streamed.items()})
+                self._remember(key, tokens + job.generated, streamed)
         except Exception as error:
             log.exception("generation with %r failed", label)
             reply.finish_reason, reply.error = "error", f"Generation failed on '{label}': {_one_line(error)}"

@@ -110,6 +110,10 @@ class Job:
     _held: str = ""  # text held back while it could be the start of a stop string
     _unsent: int = 0  # sampled tokens whose text has not been sent yet
     sampled_at: list[float] = field(default_factory=list)  # perf_counter() of each sampled token, the stop included
+    # The text each generated token was streamed as, where that is not its own piece (a character split over tokens
+    # comes with its last token; bytes that are not UTF-8 come as U+FFFD): {position in `generated`: bytes}. The
+    # conversation's next prompt holds the answer as it was streamed, and matches the tokens through this.
+    streamed: dict[int, bytes] = field(default_factory=dict)
 
     def events(self, scheduler: Scheduler | None = None, poll_s: float = 0.1,
                close_wait_s: float = 10.0) -> Iterator[Queued | Started | Piece | Done]:

@@ -85,19 +85,37 @@ class ChatModel:
         return [(b"".join(self._piece(token) for token in self.llm.tokenize(data, add_bos=False, special=True))
                  if special else data, special) for data, special in parts]
 
-    def prompt_tokens(self, messages: list[dict], known: list[list[int]] = ()) -> tuple[list[int], object]:
+    def prompt_tokens(self, messages: list[dict], known=()) -> tuple[list[int], object]:
         """The prompt's tokens, and the formatter's response (stop strings and tokens), continuing from the `known`
-        token sequence (a conversation's earlier prompt and sampled answer, a slot's tokens) that spells the
-        longest part of it, control tokens as control tokens (see reusable_prefix)."""
+        token sequence that spells the longest part of it (see continue_from)."""
+        tokens, rendered, _ = self.continue_from(messages, known)
+        return tokens, rendered
+
+    def continue_from(self, messages: list[dict], known=()) -> tuple[list[int], object, dict[int, bytes]]:
+        """The prompt's tokens continuing from the `known` token sequence (a conversation's earlier prompt and
+        sampled answers, a slot's tokens) that spells the longest part of it, control tokens as control tokens (see
+        reusable_prefix); the formatter's response; and where the kept tokens were streamed as other text than
+        their own pieces ({position: bytes}).
+
+        A known sequence is a list of token ids, or (token ids, {position: bytes streamed}) for one whose answers
+        were streamed: a character split over tokens came with its last token, bytes that were not UTF-8 as U+FFFD,
+        and that is what the conversation sends back, so that is what those positions must spell.
+        """
         parts, rendered = self.segments(messages)
         marked = self._marked(parts)
         text = b"".join(data for data, _ in marked)
-        best, kept, offset = [], 0, 0
-        for tokens in known:
-            n, at = reusable_prefix(tokens, self._piece, text)
+        best, kept, offset, overrides = [], 0, 0, {}
+        for candidate in known:
+            tokens, streamed = candidate if isinstance(candidate, tuple) else (candidate, {})
+            if streamed:  # matched by position: the same token may have been streamed differently elsewhere
+                n, at = reusable_prefix(range(len(tokens)), lambda i, tokens=tokens, streamed=streamed: streamed[i]
+                                        if i in streamed else self._piece(tokens[i]), text)
+            else:
+                n, at = reusable_prefix(tokens, self._piece, text)
             if n > kept:
-                best, kept, offset = tokens, n, at
-        return list(best[:kept]) + self._tokenize(marked, offset), rendered
+                best, kept, offset, overrides = tokens, n, at, streamed
+        kept_overrides = {position: data for position, data in overrides.items() if position < kept}
+        return list(best[:kept]) + self._tokenize(marked, offset), rendered, kept_overrides
 
     def stop_tokens(self) -> frozenset[int]:
         """The tokens that end an answer beside the vocabulary's end-of-generation ones: the template's own."""

@@ -7,9 +7,8 @@ vLLM, TGI, or any OpenAI-compatible endpoint. The engine streams its answers as 
     for reply in remote.stream([{"role": "user", "content": "Hi"}], Sampling(), cancel=None, started=0.0):
         print(reply.text)
 
-Why: the in-process engine runs one generation per model at a time; a server batches many conversations on one
-machine (llama-server: slots, continuous batching, prompt cache), and several servers behind a load balancer scale
-out. The `openai` client does the HTTP, the streaming (server-sent events) and the errors; closing its stream
+Why: a model served from another machine takes load off the Space (the in-process engine batches `--slots`
+conversations per model on the Space's own CPUs), and several servers behind a load balancer scale out. The `openai` client does the HTTP, the streaming (server-sent events) and the errors; closing its stream
 closes the connection, and llama-server stops generating for a client that is gone. The API key, when the entry
 names one, is read from that environment variable (a Space secret) and never logged.
 """

@@ -119,7 +119,7 @@ class Reply:
     tokens_per_s: float | None = None  # decoding speed after the first token
     finish_reason: str | None = None  # "stop" (end of turn), "length", "cancelled", "error"
     error: str | None = None  # a message for the user instead of an answer
-    status: str | None = None  # before the first token, what the answer waits for ("Model 3B is answering ...")
+    status: str | None = None  # before the first token, what the answer waits for (its place in the model's line)
     prompt_tokens: int | None = None  # the prompt's length in tokens (a local model's)
     prompt_read: int | None = None  # how many of them this turn read; the rest were in the model's cache
     token_times: tuple[float, ...] | None = None  # on the done Reply: perf_counter() of each sampled token
@@ -151,8 +151,8 @@ class Reply:
         'TTFT 0.50 s · 1 token · read 14 of 1,200 prompt tokens'
         >>> Reply("").stats()
         ''
-        >>> Reply("", status="Model 3B is answering another request; waiting for it (2 s).").stats()
-        'Model 3B is answering another request; waiting for it (2 s).'
+        >>> Reply("", status="Model 3B is answering 4 other conversations; you are number 2 in line.").stats()
+        'Model 3B is answering 4 other conversations; you are number 2 in line.'
         """
         if self.ttft_s is None:
             return self.status or ""

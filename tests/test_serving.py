@@ -354,7 +354,7 @@ def test_next_turn_continues_from_the_sampled_tokens(engine):
         new_turn = model.count_tokens([{"role": "user", "content": message}])  # the template's header included
         assert answer.prompt_read <= (answer.prompt_tokens if turn == 0 else new_turn)
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer.text}]
-        kept = engine._conversations[(session, label)]  # the prompt and the sampled answer, as token ids
+        kept, _ = engine._conversations[(session, label)]  # the prompt and the sampled answer, as token ids
         following = [*history_to_messages(history), {"role": "user", "content": "Go on."}]
         tokens, _ = model.prompt_tokens(following, [kept])
         canonical = model.llm.tokenize(model.formatter(messages=following).prompt.encode(), add_bos=False,
@@ -650,3 +650,32 @@ def test_a_refused_decode_ends_its_answers_in_one_line_and_corrupts_nothing(tiny
     assert failed and all(reply.error == f"Generation failed on '{label}': llama_decode returned 1" for reply in failed)
     monkeypatch.setattr(batching.llama_cpp, "llama_decode", decode)
     assert {m: drain(engine.stream_chat(label, m, sampling=GREEDY))[-1].text for m in CROWD[:2]} == expected
+
+
+def test_an_answer_streamed_as_other_text_than_its_tokens_is_still_not_read_again(tiny_gguf, monkeypatch):
+    """A character split over two tokens streams with the second, a byte that is not UTF-8 streams as U+FFFD: the
+    conversation sends that text back, and the next turn still continues from the sampled tokens (read: only the
+    new turn), because the engine keeps what each token was streamed as."""
+    engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, slots=1)
+    label = engine.labels[0]
+    decoder, llm = engine.decoder(label), engine.get(label)
+
+    wanted = {b"\xc3", b"\xa9", b"\xff"}  # the vocabulary's single-byte tokens for them (byte-level BPE)
+    singles = {piece: token for token in range(llm.n_vocab()) if (piece := decoder.piece(token)) in wanted}
+
+    def byte_token(value: int) -> int:
+        return singles[bytes([value])]
+
+    forced = [byte_token(0xC3), byte_token(0xA9), byte_token(0xFF), *llm.tokenize(b" ok", add_bos=False), EOT_ID]
+    sample = decoder.sample_token
+
+    def sample_forced(*args, **kwargs):
+        return forced.pop(0) if forced else sample(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "sample_token", sample_forced)
+    first = drain(engine.stream_chat(label, "Hi", sampling=GREEDY, session="s"))[-1]
+    assert first.text == "\u00e9\ufffd ok" and first.finish_reason == "stop"
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.text}]
+    second = drain(engine.stream_chat(label, "And?", history, sampling=GREEDY, session="s"))[-1]
+    assert second.error is None
+    assert second.prompt_read <= engine._model(label).count_tokens([{"role": "user", "content": "And?"}])
