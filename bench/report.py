@@ -179,8 +179,20 @@ def render_report(results: dict, s: dict) -> str:
                   "| turn | " + " | ".join(str(i + 1) for i in range(len(ss["ttft"]))) + " |",
                   "|---|" + "---|" * len(ss["ttft"]),
                   "| median TTFT (s) | " + " | ".join(f"{t:.2f}" for t in ss["ttft"]) + " |",
+                  "| × turn 1 | " + " | ".join(f"{t / ss['ttft'][0]:.2f}" for t in ss["ttft"]) + " |",
                   "| runs (s) | " + " | ".join(_runs([c[i]["ttft_s"] for c in sp["conversations"]], "{:.2f}")
-                                               for i in range(len(ss["ttft"]))) + " |", ""]
+                                               for i in range(len(ss["ttft"]))) + " |",
+                  "| prompt tokens read (of the prompt) | " + " | ".join(
+                      _runs([c[i].get("prompt_read") or 0 for c in sp["conversations"]], "{:.0f}") + " (of "
+                      + _runs([c[i].get("prompt_tokens") or 0 for c in sp["conversations"]], "{:.0f}") + ")"
+                      for i in range(len(ss["ttft"]))) + " |", ""]
+        if sp.get("crowd"):
+            crowd = sp["crowd"]
+            lines += [f"{crowd[0]['users']} users at once through the Space (gradio_client, different prompts sent "
+                      f"together, {sp['new_tokens']} new tokens each, temperature 0): time to first token p50 "
+                      + _runs([r["ttft_p50_s"] for r in crowd], "{:.2f}") + " s, p95 "
+                      + _runs([r["ttft_p95_s"] for r in crowd], "{:.2f}") + " s; "
+                      + _runs([r["aggregate_tokens_per_s"] for r in crowd]) + " tokens/s in all (runs).", ""]
     if "export" in sections:
         ex = sections["export"]
         lines += ["## Export", "",

@@ -224,8 +224,8 @@ def test_sampling_that_is_not_a_finite_number_names_every_setting(given, expecte
 
 def test_reply_stats():
     assert Reply("").stats() == ""
-    assert Reply("", status="Model 3B is answering another request; waiting for it (2 s).").stats() == (
-        "Model 3B is answering another request; waiting for it (2 s).")
+    assert Reply("", status="Model 3B is answering 4 other conversations; you are number 2 in line.").stats() == (
+        "Model 3B is answering 4 other conversations; you are number 2 in line.")
     assert Reply("x", ttft_s=0.123, tokens=57, tokens_per_s=34.49).stats() == "TTFT 0.12 s · 34.5 tok/s · 57 tokens"
 
 
