@@ -189,16 +189,25 @@ def render(section: dict) -> list[str]:
              "`scripts/serve_openai.py` (llama.cpp's server, built from the pinned llama-cpp-python's llama.cpp). "
              "Both with one slot per user of 1,024 tokens, read through the Space's OpenAI client. Gap: time between "
              "two streamed tokens of one user. Medians over repetitions.", "",
-             "| users | path | tokens/s, all users | tokens/s per user | TTFT p50 | TTFT p95 | gap p95 | peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| users | path | tokens/s, all users | runs | tokens/s per user | TTFT p50 | TTFT p95 | runs | gap p95 | "
+             "peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted(figures["engine"]):
         for path in PATHS:
-            f = figures[path][n]
+            f, runs = figures[path][n], section["runs"][path][str(n)]
             rss = f"{f['peak_rss_bytes'] / 2**20:,.0f} MiB" if f.get("peak_rss_bytes") else "n/a"
             gap = f"{f['gap_p95_s']:.3f} s" if f.get("gap_p95_s") is not None else "n/a"
-            lines.append(f"| {n} | {path} | **{f['aggregate_tokens_per_s']:.1f}** | {f['per_user_tokens_per_s']:.1f} "
-                         f"| {f['ttft_p50_s']:.2f} s | {f['ttft_p95_s']:.2f} s | {gap} | {rss} |")
-    lines += ["", verdict(figures), ""]
+            lines.append(f"| {n} | {path} | **{f['aggregate_tokens_per_s']:.1f}** | "
+                         + ", ".join(f"{r['aggregate_tokens_per_s']:.1f}" for r in runs)
+                         + f" | {f['per_user_tokens_per_s']:.1f} | {f['ttft_p50_s']:.2f} s | {f['ttft_p95_s']:.2f} s | "
+                         + ", ".join(f"{r['ttft_p95_s']:.2f}" for r in runs) + f" | {gap} | {rss} |")
+    lines += ["", verdict(figures)]
+    repeats = len(section["runs"]["engine"][str(min(figures["engine"]))])
+    if repeats > 1:  # each repetition on its own: the two paths ran side by side within it
+        lines += ["", "Repetition by repetition: " + "; ".join(
+            f"{index + 1}: " + verdict({path: {int(n): runs[index] for n, runs in by_n.items()}
+                                        for path, by_n in section["runs"].items()}).split(": ", 1)[1]
+            for index in range(repeats))]
+    lines.append("")
     return lines
 
 

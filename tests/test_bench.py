@@ -201,10 +201,15 @@ def test_concurrency_section_renders_and_reads_the_targets(tmp_path):
                    "llama-server": {"1": [figures(30, 30, 0.3, 0.3)], "2": [figures(35, 17, 0.5, 0.6)],
                                     "4": [figures(45, 11, 0.9, 1.2, gap=0.1, rss=None)]}}}
     text = "\n".join(concurrency.render(section))
-    assert "| 4 | engine | **40.0** | 10.0 | 0.90 s | 1.10 s | 0.200 s | 900 MiB |" in text
-    assert "| 4 | llama-server | **45.0** | 11.0 | 0.90 s | 1.20 s | 0.100 s | n/a |" in text
+    assert "| 4 | engine | **40.0** | 40.0 | 10.0 | 0.90 s | 1.10 s | 1.10 | 0.200 s | 900 MiB |" in text
+    assert "| 4 | llama-server | **45.0** | 45.0 | 11.0 | 0.90 s | 1.20 s | 1.20 | 0.100 s | n/a |" in text
     assert "2 users: **met** (tokens/s in all 1.03× llama-server's, p95 first token −0.10 s)" in text
     assert "4 users: **missed** (tokens/s in all 0.89× llama-server's, p95 first token −0.10 s)" in text
+    assert "Repetition by repetition" not in text  # one repetition: the medians are it
+    section["runs"] = {path: {n: runs * 2 for n, runs in by_n.items()} for path, by_n in section["runs"].items()}
+    section["runs"]["engine"]["2"][1] = figures(30, 15, 0.4, 0.5)
+    text = "\n".join(concurrency.render(section))
+    assert "Repetition by repetition: 1: 2 users: **met**" in text and "; 2: 2 users: **missed** (tokens/s in all 0.86×" in text
     s = summary.summary({"sections": {"concurrency": section}})
     assert s["concurrency"]["engine"][4]["ttft_p95_s"] == 1.1
     render_chart(s, tmp_path / "chart.png")
