@@ -63,6 +63,9 @@ class Scheduler:
         with self._wake:
             self._decoders.append(decoder)
 
+    def is_current_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def notify(self) -> None:
         with self._wake:
             if self._thread is None or not self._thread.is_alive():

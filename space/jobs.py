@@ -130,7 +130,8 @@ class Job:
                     return
         finally:
             self.abandoned = True
-            if not self.ended.is_set() and scheduler is not None:
+            # Not on the scheduler's own thread (a generator collected there): it is the one that frees the slot.
+            if not self.ended.is_set() and scheduler is not None and not scheduler.is_current_thread():
                 scheduler.notify()
                 self.ended.wait(close_wait_s)
 

@@ -1,34 +1,32 @@
-"""OpenAI-compatible servers for a GGUF, for the Space (or anything) to talk to: llama.cpp's own llama-server, built
-from the llama.cpp release the installed llama-cpp-python was compiled from, or llama-cpp-python's server.
+"""llama.cpp's own llama-server for a GGUF, built from the llama.cpp release the installed llama-cpp-python was
+compiled from, for the Space (or anything) to talk to over the OpenAI API.
 
-    from space.servers import build_llama_server, llama_server_command, python_server_command
+    from space.servers import build_llama_server, llama_server_command
     binary = build_llama_server()                 # once per machine: CMake, CPU only, cached (common/llama_tools.py)
     argv = llama_server_command(binary, "1b-Q4_K_M.gguf", port=8080, slots=4)
 
 llama-server gives each of `slots` conversations its own part of the context and decodes them together in one batch
-(continuous batching): on a CPU, several users share the cost of reading the weights, where the in-process engine
-answers one after another. llama-cpp-python's server needs no compile but serves one request at a time.
-Both take llama.cpp's AMX safe path where common.llama chooses it (llama-server: --no-repack, which turns off the
-extra buffer types; llama-cpp-python: the same parameter common.llama sets).
+(continuous batching), taking llama.cpp's AMX safe path where common.llama chooses it (--no-repack, which turns off
+the extra buffer types). The no-compile server with the same batching is the Space's own engine behind the same API
+(space/openai_server.py).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from common.llama import LlamaSetupError, extra_buffers
+from common.llama import LlamaSetupError
 from common.llama_tools import CMAKE_OPTIONS, build_llama_tools, safe_path_args, tools_dir
 from common.machine import usable_cpus
 
-__all__ = ["build_llama_server", "llama_server_binary", "llama_server_command", "python_server_command",
-           "server_environment", "wait_until_ready", "CMAKE_OPTIONS"]
+__all__ = ["build_llama_server", "llama_server_binary", "llama_server_command", "server_environment",
+           "wait_until_ready", "CMAKE_OPTIONS"]
 
 
 def llama_server_binary(root: Path | None = None) -> Path:
@@ -63,7 +61,7 @@ def llama_server_command(binary: Path, model: Path, *, port: int, slots: int = 4
 
 def server_environment(engine: str, api_key_env: str | None) -> dict[str, str]:
     """The environment a server starts with: the key held in $`api_key_env`, when one is named, under the name that
-    server reads (LLAMA_API_KEY for llama-server, API_KEY for llama-cpp-python's), never on its command line."""
+    server reads (LLAMA_API_KEY for llama-server, API_KEY for space/openai_server.py), never on its command line."""
     env = dict(os.environ)
     if api_key_env:
         if not os.environ.get(api_key_env):
@@ -71,16 +69,6 @@ def server_environment(engine: str, api_key_env: str | None) -> dict[str, str]:
                                   "key clients must send")
         env["LLAMA_API_KEY" if engine == "llama-server" else "API_KEY"] = os.environ[api_key_env]
     return env
-
-
-def python_server_command(model: Path, *, port: int, ctx: int = 4096, host: str = "127.0.0.1",
-                          alias: str | None = None, threads: int | None = None) -> list[str]:
-    """llama-cpp-python's OpenAI server (the `server` extra, no compile), through scripts/serve_openai.py's
-    AMX-safe wrapper; one request at a time."""
-    threads = threads or usable_cpus()
-    return [sys.executable, "-m", "space.servers", "--model", str(model), "--host", host, "--port", str(port),
-            "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--model_alias", alias or Path(model).stem, "--verbose", "False"]
 
 
 def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -101,25 +89,3 @@ def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float = 
         if time.time() > deadline:
             raise LlamaSetupError(f"the server at {base_url} was not ready within {timeout:.0f} s")
         time.sleep(0.3)
-
-
-def _serve_python(argv: list[str]) -> None:
-    """`python -m space.servers ARGS`: llama_cpp.server with llama.cpp's extra buffer types as common.llama
-    chooses (off on an AMX CPU, where q4_k_m crashes), for the whole process."""
-    import llama_cpp.llama_cpp as bindings
-    from llama_cpp.server.__main__ import main
-
-    enabled, default = extra_buffers().enabled, bindings.llama_model_default_params
-
-    def with_choice():
-        params = default()
-        params.use_extra_bufts = enabled
-        return params
-
-    bindings.llama_model_default_params = with_choice
-    sys.argv = ["llama_cpp.server", *argv]
-    main()
-
-
-if __name__ == "__main__":
-    _serve_python(sys.argv[1:])

@@ -1,5 +1,6 @@
-"""A catalog model behind an OpenAI-compatible server (space/remote.py, space/servers.py): a real llama-cpp-python
-server on the tiny q4_k_m GGUF on a free localhost port, driven through the `openai` client, no mock."""
+"""A catalog model behind an OpenAI-compatible server (space/remote.py, space/servers.py, space/openai_server.py): the
+no-compile server (the Space's batched engine) and llama-server on the tiny q4_k_m GGUF on a free localhost port,
+driven through the `openai` client, no mock."""
 
 import subprocess
 import sys
