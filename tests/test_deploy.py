@@ -496,7 +496,7 @@ def test_running_then_every_model_answers_through_gradio_client(deploy_space, fa
                              "  RUNNING (cpu-basic)"]
     assert progress[5] == f"chatting once with each model at {url}:"
     for line, label in zip(progress[6:8], (LABEL_1B, LABEL_3B)):
-        assert line.startswith(f"  {label}: ") and re.search(r"\d+ tokens?\)$", line), line
+        assert line.startswith(f"  {label}: ") and re.search(r"\d+ tokens? · read \d+ of \d+ prompt tokens\)$", line), line
     assert output.rstrip().splitlines()[-2:] == ["every model answered: the Space is up",
                                                  f"Space: https://huggingface.co/spaces/{SPACE_ID}"]
     assert [call.method for call in client.calls][-5:] == ["get_space_runtime"] * 4 + ["space_info"]
