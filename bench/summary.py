@@ -7,6 +7,7 @@ each target met or missed, and for a missed one by how much, why, and what would
 
 from __future__ import annotations
 
+import re
 import statistics
 
 TARGETS = dict(space_share=0.97, bandwidth_share_1b=0.85, llama_vs_fp32=9.0, ttft_ratio=1.3,
@@ -103,7 +104,9 @@ def summary(results: dict) -> dict:
         soak = sections["soak"]
         out["soak"] = {"errors": soak["errors"], "tracebacks": soak["tracebacks"], "minutes": soak["minutes"],
                        "rss_growth": soak["rss_end"] / soak["rss_after_warmup"] - 1,
-                       "slots_free_at_end": soak["slots_free_at_end"]}
+                       "growth_mib": (soak["rss_end"] - soak["rss_after_warmup"]) / 2**20,
+                       "slots_free_at_end": soak["slots_free_at_end"], "end_line": soak["end_memory_line"],
+                       "first_errors": soak["first_errors"]}
     if sections.get("waves"):
         from bench.waves import growth
 
@@ -248,6 +251,16 @@ def misses(s: dict) -> list[str]:
             f"{ttft[worst - 1]:.2f} s), {space['ttft_ratio'] - TARGETS['ttft_ratio']:.2f}× over. Prompt tokens read "
             "per turn: " + ", ".join(f"{n:,.0f}" for n in read) + " (each turn's slot still holds the conversation, "
             "so a later turn reads its new message and the template around it; the time follows that count).")
+    soaked = s.get("soak")
+    if soaked and not (soaked["errors"] == 0 and soaked["tracebacks"] == 0 and soaked["slots_free_at_end"]
+                       and soaked["rss_growth"] <= TARGETS["waves_rss_growth"]):
+        states = sum(float(mib.replace(",", "")) for mib in re.findall(r" ([\d,]+) MiB in \d+", soaked["end_line"]))
+        notes.append(f"- **Soak**: {soaked['errors']} errors ({'; '.join(soaked['first_errors']) or 'none'}), RSS "
+                     f"{soaked['rss_growth']:+.1%} from the end of the warm-up to the end ({soaked['growth_mib']:,.0f} "
+                     f"MiB). The saved conversation states (bounded per model) held {states:,.0f} MiB at the end; "
+                     "their fill when the warm-up ended was not recorded, so how much of the growth is their filling "
+                     "up rather than a leak is not measured here. Errors and tracebacks are the Space's or its "
+                     "client's, as listed.")
     if "concurrency" in s:
         figures = s["concurrency"]
         missed = [n for n in sorted(figures["engine"]) if n > 1 and (
