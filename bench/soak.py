@@ -35,7 +35,7 @@ def _crowd_size(elapsed_s: float, peak: int, period_s: float = 360.0) -> int:
     """Users wanted at `elapsed_s`: up from 1 to `peak` and down again every `period_s`.
 
     >>> [_crowd_size(t, 8) for t in (0, 90, 180, 270, 359)]
-    [1, 5, 8, 5, 1]
+    [1, 4, 8, 4, 1]
     """
     phase = (elapsed_s % period_s) / period_s
     return max(1, round(1 + (peak - 1) * (1 - abs(2 * phase - 1))))

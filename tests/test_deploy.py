@@ -781,7 +781,7 @@ def test_the_uploaded_tree_installs_and_chats_as_hugging_face_builds_it(deploy_s
         url = f"http://127.0.0.1:{port}/"
         wait_for_http(url, process, log)
         answer, stats = Client(url, verbose=False).predict("Hello!", LABEL_1B, "", 0.0, 1.0, 8, api_name="/chat")
-        assert answer and re.search(r"\d+ tokens?$", stats), (answer, stats)
+        assert answer and re.search(r"\d+ tokens? · read \d+ of \d+ prompt tokens$", stats), (answer, stats)
     finally:
         process.terminate()
         process.wait(timeout=30)
