@@ -38,6 +38,7 @@ from .trainer import (
     previous_run,
     save_adapter,
     schedule_note,
+    shared_arguments,
 )
 
 POLICY = "default"  # PEFT's name for the adapter loaded first: the one trained, saved and exported
@@ -256,39 +257,8 @@ def plot_dpo(log_history: list[dict], path: Path) -> None:
 def _arguments(config: TrainConfig, output_dir: Path, optimizer: str, dtype: str, has_eval: bool):
     from trl import DPOConfig
 
-    return DPOConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler,
-        weight_decay=config.weight_decay,
-        optim=optimizer,
-        seed=config.seed,
-        data_seed=config.seed,
-        max_steps=config.max_steps,
-        num_train_epochs=config.epochs,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=None,  # rotation is ours (train/checkpoints.py)
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_steps or config.save_steps,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        fp16=dtype == "fp16",
-        bf16=dtype == "bf16",  # DPOConfig defaults to bf16 unless told: never on a CPU
-        beta=config.beta,
-        loss_type=[config.loss_type],
-        max_length=config.max_prompt_length + config.max_answer_length,
-        dataset_num_proc=None,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda_available(),
-        gradient_checkpointing=False,  # the backend already set it up on the model
-        save_only_model=False,
-    )
+    return DPOConfig(**shared_arguments(config, output_dir, optimizer, dtype, has_eval), beta=config.beta,
+                     loss_type=[config.loss_type], max_length=config.max_prompt_length + config.max_answer_length)
 
 
 def run_dpo(config: TrainConfig) -> dict:

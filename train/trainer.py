@@ -161,10 +161,9 @@ def _callbacks(config: TrainConfig, output_dir: Path, compat: dict | None = None
     return [Progress(), Sealer()]
 
 
-def _training_arguments(config: TrainConfig, output_dir: Path, backend_optimizer: str, dtype: str, has_eval: bool):
-    from trl import SFTConfig
-
-    return SFTConfig(
+def shared_arguments(config: TrainConfig, output_dir: Path, optimizer: str, dtype: str, has_eval: bool) -> dict:
+    """The settings every stage's TRL config (SFTConfig, DPOConfig) takes from TrainConfig, as keyword arguments."""
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -173,7 +172,7 @@ def _training_arguments(config: TrainConfig, output_dir: Path, backend_optimizer
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
-        optim=backend_optimizer,
+        optim=optimizer,
         seed=config.seed,
         data_seed=config.seed,
         max_steps=config.max_steps,
@@ -186,17 +185,22 @@ def _training_arguments(config: TrainConfig, output_dir: Path, backend_optimizer
         eval_steps=config.eval_steps or config.save_steps,
         report_to=[] if config.report_to == "none" else [config.report_to],
         fp16=dtype == "fp16",
-        bf16=dtype == "bf16",
-        max_length=config.max_seq_length,
-        packing=False,
+        bf16=dtype == "bf16",  # DPOConfig defaults to bf16 unless told: never on a CPU
         dataset_num_proc=None,
-        include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,  # our Progress callback draws the bar
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda_available(),  # pinning needs an accelerator; on CPU it only warns
         gradient_checkpointing=False,  # the backend already set it up on the model
         save_only_model=False,
     )
+
+
+def _training_arguments(config: TrainConfig, output_dir: Path, backend_optimizer: str, dtype: str, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(**shared_arguments(config, output_dir, backend_optimizer, dtype, has_eval),
+                     max_length=config.max_seq_length, packing=False,
+                     include_num_input_tokens_seen="non_padding")
 
 
 def sft_trainer_class():
