@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -168,13 +167,10 @@ class BatchedDecoder:
 
     # ------------------------------------------------------------ requests
     def submit(self, tokens: list[int], sampling: Sampling, seed: int, stop_tokens=frozenset(),
-               stop_strings=(), cancel: threading.Event | None = None, out: queue.SimpleQueue | None = None,
-               tag: object = None) -> Job:
-        """Queue one answer to `tokens`; its events arrive on job.out (or `out`, shared by a compare's two jobs)."""
+               stop_strings=(), cancel: threading.Event | None = None) -> Job:
+        """Queue one answer to `tokens`; its events arrive through job.events()."""
         job = Job(list(tokens), sampling, seed, frozenset(stop_tokens) | self._eog_tokens(),
-                  tuple(s for s in stop_strings if s), cancel, tag=tag)
-        if out is not None:
-            job.out = out
+                  tuple(s for s in stop_strings if s), cancel)
         if not job.tokens:
             return self._refuse(job, "the prompt is empty")
         if len(job.tokens) >= self.n_ctx:

@@ -95,8 +95,7 @@ class Job:
     stop_tokens: frozenset[int]
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event | None = None
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    tag: object = None  # the caller's: put beside every event (a compare's side)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # the events, read by events()
     # the scheduler's
     slot: int | None = None
     fed: int = 0  # prompt tokens in the slot's KV cache
@@ -125,8 +124,8 @@ class Job:
                     event = self.out.get(timeout=poll_s)
                 except queue.Empty:
                     continue
-                yield event[1]
-                if isinstance(event[1], Done):
+                yield event
+                if isinstance(event, Done):
                     return
         finally:
             self.abandoned = True
@@ -139,6 +138,6 @@ class Job:
         return self.abandoned or (self.cancel is not None and self.cancel.is_set())
 
     def emit(self, event) -> None:
-        self.out.put((self.tag, event))
+        self.out.put(event)
 
 
