@@ -85,8 +85,23 @@ def test_max_new_tokens_is_honoured(engine):
     assert len(final.token_times) <= 16 + (final.finish_reason == "stop")
 
 
-def test_closing_the_stream_mid_answer_frees_the_model(engine):
+def _never_ending(engine, *labels, monkeypatch) -> None:
+    """Make the sampled answers of these models run to their token limit (a stop token becomes another token), so a
+    long answer holds its slot until the test closes it; greedy answers end as usual."""
+    for label in labels:
+        decoder = engine.decoder(label)
+        sample = decoder.sample_token
+
+        def sample_no_stop(job, index, sample=sample):
+            token = sample(job, index)
+            return token + 1 if token in job.stop_tokens and job.sampling.temperature > 0 else token
+
+        monkeypatch.setattr(decoder, "sample_token", sample_no_stop)
+
+
+def test_closing_the_stream_mid_answer_frees_the_model(engine, monkeypatch):
     label = engine.labels[0]
+    _never_ending(engine, label, monkeypatch=monkeypatch)
     stream = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
     assert next(stream).text and engine.is_busy(label)
     stream.close()  # the Stop button / a client that went away
@@ -94,8 +109,9 @@ def test_closing_the_stream_mid_answer_frees_the_model(engine):
     assert drain(engine.stream_chat(label, "Hello again", sampling=GREEDY), timeout=60)[-1].done
 
 
-def test_an_abandoned_stream_frees_the_model_when_collected(engine):
+def test_an_abandoned_stream_frees_the_model_when_collected(engine, monkeypatch):
     label = engine.labels[0]
+    _never_ending(engine, label, monkeypatch=monkeypatch)
     stream = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
     next(stream)
     assert engine.is_busy(label)
@@ -111,7 +127,8 @@ def test_a_stream_that_never_started_holds_nothing(engine):
     assert not engine.is_busy(label)
 
 
-def test_cancel_event_stops_the_answer(engine):
+def test_cancel_event_stops_the_answer(engine, monkeypatch):
+    _never_ending(engine, engine.labels[0], monkeypatch=monkeypatch)
     cancel = threading.Event()
     states = []
     for state in engine.stream_chat(engine.labels[0], "Write a long story.", sampling=Sampling(max_new_tokens=200),
@@ -123,8 +140,9 @@ def test_cancel_event_stops_the_answer(engine):
     assert states[-1].tokens < 200 and not engine.is_busy(engine.labels[0])
 
 
-def test_cancel_while_waiting_for_a_busy_model(one_slot):
+def test_cancel_while_waiting_for_a_busy_model(one_slot, monkeypatch):
     label = one_slot.labels[0]
+    _never_ending(one_slot, label, monkeypatch=monkeypatch)
     holder = one_slot.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
     next(holder)  # another user's answer holds the only slot
     cancel = threading.Event()
@@ -249,12 +267,13 @@ def test_opposite_comparisons_at_once_do_not_deadlock(engine):
     assert len(results) == 2 and all(reply.done and reply.text for pair in results for reply in pair)
 
 
-def test_closing_an_interleaved_compare_frees_both_models(engine):
+def test_closing_an_interleaved_compare_frees_both_models(engine, monkeypatch):
     a, b = engine.labels
+    _never_ending(engine, a, b, monkeypatch=monkeypatch)
     stream = engine.stream_compare(a, b, "Write a long story.", sampling=Sampling(max_new_tokens=200),
                                    mode="interleaved")
-    for _, reply_b in stream:
-        if reply_b.tokens:
+    for reply_a, reply_b in stream:
+        if reply_a.tokens and reply_b.tokens:  # each side's thread submits its own answer: wait for both
             break
     assert engine.is_busy(a) and engine.is_busy(b)
     stream.close()
@@ -467,8 +486,9 @@ def _until(condition, timeout: float = 60):
         time.sleep(0.01)
 
 
-def test_a_request_waiting_for_a_busy_model_says_why(one_slot):
+def test_a_request_waiting_for_a_busy_model_says_why(one_slot, monkeypatch):
     label = one_slot.labels[0]
+    _never_ending(one_slot, label, monkeypatch=monkeypatch)
     holder = one_slot.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=200))
     next(holder)  # another user's answer holds the only slot
     states = []
@@ -483,8 +503,9 @@ def test_a_request_waiting_for_a_busy_model_says_why(one_slot):
     assert not any(state.status for state in states[1:])  # no status once the wait is over
 
 
-def test_a_compare_side_waiting_for_a_busy_model_names_the_side_not_the_model(one_slot):
+def test_a_compare_side_waiting_for_a_busy_model_names_the_side_not_the_model(one_slot, monkeypatch):
     a, b = one_slot.labels
+    _never_ending(one_slot, b, monkeypatch=monkeypatch)
     holder = one_slot.stream_chat(b, "Write a long story.", sampling=Sampling(max_new_tokens=200))
     next(holder)
     states = []
@@ -497,13 +518,14 @@ def test_a_compare_side_waiting_for_a_busy_model_names_the_side_not_the_model(on
     assert all(reply.done and reply.text for reply in states[-1])
 
 
-def test_cancel_frees_both_models_of_a_compare_at_once(engine):
+def test_cancel_frees_both_models_of_a_compare_at_once(engine, monkeypatch):
     """The Stop button of a compare, from another thread than the one streaming it."""
     a, b = engine.labels
+    _never_ending(engine, a, b, monkeypatch=monkeypatch)
     cancel, states = threading.Event(), []
     comparing = _consume(engine.stream_compare(a, b, "Write a long story.", sampling=Sampling(max_new_tokens=400),
                                                mode="interleaved", cancel=cancel), states)
-    _until(lambda: states and states[-1][1].tokens)
+    _until(lambda: states and all(reply.tokens for reply in states[-1]))  # each side's thread submits its own
     assert engine.is_busy(a) and engine.is_busy(b)
     cancel.set()
     comparing.join(30)
@@ -573,12 +595,13 @@ def test_a_crowd_gets_the_same_greedy_answers_as_one_user_alone(tiny_gguf):
     assert not engine.is_busy(label) and all(slot.job is None for slot in decoder.slots)
 
 
-def test_stop_mid_batch_ends_one_answer_and_leaves_its_neighbours_untouched(tiny_gguf):
+def test_stop_mid_batch_ends_one_answer_and_leaves_its_neighbours_untouched(tiny_gguf, monkeypatch):
     sampling = Sampling(temperature=0, max_new_tokens=40)
     neighbours = CROWD[:3]
     expected = _answers_alone(tiny_gguf, neighbours, sampling)
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=1024, slots=4)
     label = engine.labels[0]
+    _never_ending(engine, label, monkeypatch=monkeypatch)  # the stopped answer; its greedy neighbours end as usual
     cancel, stopped, results = threading.Event(), [], {}
     threads = [_consume(engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=400),
                                            cancel=cancel), stopped)]
@@ -596,9 +619,10 @@ def test_stop_mid_batch_ends_one_answer_and_leaves_its_neighbours_untouched(tiny
     assert not engine.is_busy(label)
 
 
-def test_a_full_line_is_refused_in_one_line_and_the_model_serves_on(tiny_gguf):
+def test_a_full_line_is_refused_in_one_line_and_the_model_serves_on(tiny_gguf, monkeypatch):
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=1024, slots=1, max_queue=1)
     label = engine.labels[0]
+    _never_ending(engine, label, monkeypatch=monkeypatch)
     holder = engine.stream_chat(label, "Write a long story.", sampling=Sampling(max_new_tokens=300))
     next(holder)
     waiting = []
