@@ -1,5 +1,6 @@
 # The two commands of the README. Each creates/updates the virtualenv at .venv and installs what it needs.
-#   make test   run the test suite (offline, CPU)
+#   make test   run the test suite (offline, CPU): every tier; what CI and the README run
+#   make check  the fast lane: every test but the slow tier (end-to-end runs of minutes each), under 5 minutes
 #   make demo   run the pipeline offline on the tiny model
 # Keeping the locks (requirements-*.lock) fresh:
 #   make lock            regenerate the locks whose requirements file changed (UPGRADE=1: newest versions allowed)
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo venv lock upgrade-check clean
+.PHONY: test check demo venv lock upgrade-check clean
 
 # Reinstall only when the lock changed since the last install. The venv gets exactly the lock: every package at its
 # locked version, every file's hash checked, anything the lock does not list removed.
@@ -31,7 +32,7 @@ test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 # The fast lane: everything but the end-to-end runs of minutes each (tests/conftest.py lists them).
-test-fast: $(STAMP)
+check: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # Train (with a SIGKILL and a resume), export, chat, then serve the Space; DEMO_NO_LAUNCH=1 skips serving.

@@ -26,7 +26,7 @@ Sections, each measurement repeated, median reported:
   space       the Space (python space/app.py) as a gradio_client consumer sees it vs raw llama-cpp-python on the
               same GGUF; time to first token over the 6 turns of a conversation
   buffers     llama.cpp's extra buffer types (REPACK, AMX) on vs off on the 1B q4_k_m, with a 128-token prompt:
-              what the safe path of common/llama.py costs where it is taken (CPUs with llama.cpp's AMX path)
+              what the safe path of common/llama_runtime.py costs where it is taken (CPUs with llama.cpp's AMX path)
   concurrency 1, 2, 4 and 8 users at once on the 1B q4_k_m, 128 new tokens each: the Space's in-process engine vs
               llama.cpp's llama-server with a slot per user (built once from the pinned llama.cpp: ~7 min on 2
               cores); tokens/s in all and per user, TTFT p50/p95

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 from bench import log
+from bench.crowd import at_once
 from bench.rates import RejectedRun
+from common.processes import free_port
 from common.machine import cpu_name, usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,20 +38,11 @@ PROMPTS = [
 def _run_users(answer, users: int) -> dict:
     """`answer(prompt, started)` on `users` threads released together; per-user and aggregate figures. `answer`
     returns (its final Reply, when each streamed update arrived)."""
-    barrier, results = threading.Barrier(users + 1), [None] * users
-
-    def user(index: int) -> None:
-        barrier.wait()
+    def user(index: int, _) -> tuple:
         started = time.perf_counter()
-        results[index] = (answer(PROMPTS[index % len(PROMPTS)], started), started, time.perf_counter())
+        return answer(PROMPTS[index % len(PROMPTS)], started), started, time.perf_counter()
 
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    began = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    results, wall = at_once(user, users)
     replies = [reply for (reply, _), _, _ in results]
     gaps = sorted(b - a for (_, arrivals), _, _ in results for a, b in zip(arrivals, arrivals[1:]))
     errors = [reply.error for reply in replies if reply.error]
@@ -60,7 +52,6 @@ def _run_users(answer, users: int) -> dict:
     if short := [reply.finish_reason for reply in replies if reply.finish_reason != "length"]:
         raise RejectedRun(f"{len(short)} of {users} answers ended before the tokens asked (finish reason "
                           f"{short[0]!r}): no speed comes from this run")
-    wall = max(end for _, _, end in results) - began
     ttfts = sorted(reply.ttft_s for reply in replies)
     return {"users": users, "wall_s": wall, "tokens": sum(r.tokens for r in replies),
             "aggregate_tokens_per_s": sum(r.tokens for r in replies) / wall,
@@ -98,14 +89,6 @@ def _server_path(base_url: str, new_tokens: int):
     return answer
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def peak_rss_bytes(pid: int) -> int | None:
     """A process's peak resident memory (VmHWM), or None where /proc does not say."""
     try:
@@ -123,7 +106,7 @@ def _with_server(path: str, gguf: Path, slots: int, run) -> dict:
     from space.openai_server import batched_server_command
     from space.servers import build_llama_server, llama_server_command, wait_until_ready
 
-    port = _free_port()
+    port = free_port()
     if path == "llama-server":
         argv = llama_server_command(build_llama_server(log=log), gguf, port=port, slots=slots, ctx_per_slot=1024,
                                     alias="bench")

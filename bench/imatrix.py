@@ -9,7 +9,7 @@ Random-weight models say nothing about quantization quality; this one does. It i
 --allow-requantize: every Q4_1 weight is exact in F16) and that F16 is the reference; q4_k_m, q4_k_s and q5_k_m are
 made from it statically and with importance matrices from llama-imatrix (--parse-special) over the training split of
 train/data/finetome_sample.jsonl, rendered in the model's own chat template. Held out: the split training itself
-holds out (train.data.prepare, seed 3407). Each file is measured against the F16 two ways:
+holds out (train.conversations.prepare, seed 3407). Each file is measured against the F16 two ways:
 
 - export/verify.py (the export's own check): logits of every position of each held-out conversation, its template's
   special tokens parsed, through llama-cpp-python; mean and 99th-percentile KLD, top-1 agreement, perplexity.
@@ -32,7 +32,7 @@ import numpy as np
 
 from bench import REPO
 from common.files import write_text_atomic
-from common.llama import open_gguf
+from common.llama_runtime import open_gguf
 from common.llama_tools import llama_tool, safe_path_args
 from common.machine import cpu_name, usable_cpus
 
@@ -75,7 +75,7 @@ def chat_template(model: Path):
 
 def split_conversations(held_out: int, seed: int = 3407) -> tuple[list, list]:
     """(calibration, held-out) conversations: the split train/run.py makes of the sample with --eval-samples."""
-    from train.data import prepare
+    from train.conversations import prepare
 
     prepared = prepare(SAMPLE, seed=seed, eval_samples=held_out)
     return prepared.train, prepared.eval

@@ -235,7 +235,7 @@ def render_report(results: dict, s: dict) -> str:
         b, sb = sections["buffers"], s["buffers"]
         lines += ["## llama.cpp's extra buffer types: the cost of the AMX safe path", "",
                   f"Measured {b['measured']} on {b['cpu']} (`python scripts/bench.py --sections buffers --repeats "
-                  f"{len(b['runs']['on'])}`): the 1B-shaped q4_k_m through `common/llama.py` with "
+                  f"{len(b['runs']['on'])}`): the 1B-shaped q4_k_m through `common/llama_runtime.py` with "
                   f"`FINETOME_LLAMA_EXTRA_BUFFERS=on` and `=off`, in turn within each repetition; a "
                   f"{b['prompt_tokens']}-token chat prompt (TTFT: reading it), then {b['new_tokens']} greedy tokens "
                   f"(tokens/s: decoding). llama.cpp's system info here: `{b['system_info']}`; the automatic "

@@ -17,7 +17,7 @@ from bench.harness import measured
 from bench.report import RESULTS
 from bench.shapes import PUBLISHED_PARAMETERS, build_adapter, build_base
 from common.files import write_text_atomic
-from common.llama import extra_buffers, system_info
+from common.llama_runtime import extra_buffers, system_info
 from common.machine import cpu_name, usable_cpus
 
 SECTIONS = ("bandwidth", "training", "startup", "export", "generation", "space", "buffers", "concurrency",

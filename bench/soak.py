@@ -22,8 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import log
-from bench.waves import _last_memory_line, _process_memory
+from bench.waves import last_memory_line, process_memory
 from common.machine import cpu_name, usable_cpus
 
 ACTIONS = ("conversation", "conversation", "conversation", "long prompt", "compare", "stop", "close tab")
@@ -114,14 +113,14 @@ def measure(gguf: Path, folder: Path, minutes: float = 30, peak: int = 8, warmup
                 thread.start()
                 active.append(thread)
             if elapsed >= next_sample:
-                samples.append({"minute": elapsed / 60, "users": len(active), **_process_memory(process.pid)})
+                samples.append({"minute": elapsed / 60, "users": len(active), **process_memory(process.pid)})
                 next_sample += 10
             time.sleep(0.5)
         for thread in active:
             thread.join(300)
         time.sleep(6)  # a memory line written with the crowd gone
-        end_line = _last_memory_line(server_log, time.time() - 5)
-        end = _process_memory(process.pid)
+        end_line = last_memory_line(server_log, time.time() - 5)
+        end = process_memory(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=60)

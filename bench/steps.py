@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from bench import REPO, log
+from bench.crowd import at_once
 from bench.rates import RejectedRun, decoding_rate, eog_logit_bias
-from common.llama import EXTRA_BUFFERS_ENV, open_gguf
+from common.llama_runtime import EXTRA_BUFFERS_ENV, open_gguf
 from common.llama3 import PAD_ID
 from common.machine import usable_cpus
+from common.processes import ServerNotReady, free_port, wait_until_answers
 
 # Six turns of one conversation (each message ≈ 40 tokens); the topic changes per repetition so that no
 # repetition starts from the KV cache of the previous one.
@@ -125,7 +124,7 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
     operation, and on 2 cores they would steal llama.cpp's time if both lived in one process. Tokens/s counts
     the tokens after the first over the time after the first (decoding); TTFT (reading the prompt) is separate.
     A short warm-up run comes first (allocations, kernel selection). extra_buffers: on or off forces llama.cpp's
-    extra buffer types (common/llama.py) for this process."""
+    extra buffer types (common/llama_runtime.py) for this process."""
     import torch
     from transformers import AutoTokenizer
 
@@ -177,16 +176,10 @@ def step_generate(kind: str, model: str, tokenizer: str, dtype: str | None, prom
     return {"prompt_tokens": len(ids), **loaded, **run(new_tokens)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_space(ggufs: list[str], folder: Path, stream_interval: float,
                 *options: str) -> tuple[subprocess.Popen, str, Path]:
     """`python space/app.py` serving `ggufs` on a free port, with `options` after its own; (process, url, log)."""
-    port = _free_port()
+    port = free_port()
     server_log = folder / f"space-server-{port}.log"
     process = subprocess.Popen(
         [sys.executable, str(REPO / "space/app.py"), *[arg for gguf in ggufs for arg in ("--model", gguf)],
@@ -195,16 +188,12 @@ def start_space(ggufs: list[str], folder: Path, stream_interval: float,
         cwd=REPO, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return process, url, server_log
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                raise SystemExit(f"bench: the Space did not start: {server_log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_until_answers(url, process, timeout=180, log=server_log)
+    except ServerNotReady as error:
+        process.kill()
+        raise SystemExit(f"bench: the Space did not start: {error}") from None
+    return process, url, server_log
 
 
 def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens: int, folder: str,
@@ -310,23 +299,12 @@ def step_space(gguf: str, repeats: int, new_tokens: int, turns: int, turn_tokens
         # A crowd through the Space: `crowd` gradio_client users sending different prompts at the same moment.
         crowd_runs = []
         for repeat in range(repeats):
-            barrier, results = threading.Barrier(crowd + 1), [None] * crowd
-
-            def user(index: int) -> None:
-                client = Client(url, verbose=False)
-                barrier.wait()
+            def user(index: int, client) -> dict:
                 started = time.perf_counter()
                 figures = space_run(client, f"({TOPICS[(index + repeat) % len(TOPICS)]}) {message}", new_tokens)
-                results[index] = {**figures, "wall_s": time.perf_counter() - started}
+                return {**figures, "wall_s": time.perf_counter() - started}
 
-            threads = [threading.Thread(target=user, args=(i,)) for i in range(crowd)]
-            for thread in threads:
-                thread.start()
-            barrier.wait()
-            began = time.perf_counter()
-            for thread in threads:
-                thread.join()
-            wall = time.perf_counter() - began
+            results, wall = at_once(user, crowd, prepare=lambda index: Client(url, verbose=False))
             ttfts = sorted(r["ttft_s"] for r in results)
             crowd_runs.append({"users": crowd, "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[-1],
                                "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / wall,

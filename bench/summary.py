@@ -15,6 +15,16 @@ TARGETS = dict(space_share=0.97, bandwidth_share_1b=0.85, llama_vs_fp32=9.0, ttf
                startup_resume_s=20, waves_rss_growth=0.05)
 
 
+def growth(section: dict, key: str = "rss") -> float:
+    """How much `key` (rss, anon) grew from the end of the warm-up wave to the end of the last wave, as a share.
+
+    >>> growth({"rows": [{"rss": 50}, {"rss": 100}, {"rss": 103}, {"rss": 104}]})
+    0.04
+    """
+    warm, last = section["rows"][1][key], section["rows"][-1][key]
+    return (last - warm) / warm
+
+
 def summary(results: dict) -> dict:
     """The headline figures (medians and ratios) from the raw results; absent sections give absent keys."""
     sections, out = results.get("sections", {}), {}
@@ -108,8 +118,6 @@ def summary(results: dict) -> dict:
                        "slots_free_at_end": soak["slots_free_at_end"], "end_line": soak["end_memory_line"],
                        "first_errors": soak["first_errors"]}
     if sections.get("waves"):
-        from bench.waves import growth
-
         wave = sections["waves"]
         out["waves"] = {"rss_growth": growth(wave), "waves": len(wave["rows"]) - 2,
                         "conversations": wave["conversations"], "rss": [row["rss"] for row in wave["rows"][1:]],

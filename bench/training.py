@@ -9,42 +9,41 @@ The unsloth-vs-hf comparison needs a CUDA GPU; without one the section says it w
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from bench import REPO
 from common.cli import UsageError, UsageParser
 from common.files import write_text_atomic
 from common.machine import cpu_name, usable_cpus
+from train.summary import RunSummary, load_run_summary
 
 BENCHMARKS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"
 
 
-def one_run(steps: int) -> dict:
+def one_run(steps: int) -> RunSummary:
     """One tiny-preset training run of `steps` optimizer steps through the real CLI; its run.json."""
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, str(REPO / "train/run.py"), "--preset", "tiny", "--output-dir", folder,
                    "--max-steps", str(steps), "--save-steps", str(steps), "--eval-samples", "0"]
         subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-        return json.loads((Path(folder) / "run.json").read_text())
+        return load_run_summary(folder)
 
 
 def measure(repeats: int, steps: int) -> dict:
     """Median tokens/s and peak RSS of `repeats` fresh tiny-preset runs of `steps` optimizer steps."""
     runs = [one_run(steps) for _ in range(repeats)]
-    rates = [r["tokens_per_second"] for r in runs]
-    rss = [r["peak_rss_mb"] for r in runs]
+    rates = [r.tokens_per_second for r in runs]
+    rss = [r.peak_rss_mb for r in runs]
     import torch
 
     return dict(repeats=repeats, steps=steps, tokens_per_second=rates, median_tokens_per_second=statistics.median(rates),
-                peak_rss_mb=statistics.median(rss), batch_size=runs[0]["config"]["batch_size"],
-                grad_accum=runs[0]["config"]["grad_accum"], cpu=cpu_name(), cores=usable_cpus(),
+                peak_rss_mb=statistics.median(rss), batch_size=runs[0].config["batch_size"],
+                grad_accum=runs[0].config["grad_accum"], cpu=cpu_name(), cores=usable_cpus(),
                 torch=torch.__version__)
 
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import log
-from bench.summary import TARGETS
+from bench.summary import TARGETS, growth
 from common.machine import cpu_name, usable_cpus
 
 GROWTH_TARGET = TARGETS["waves_rss_growth"]  # the most RSS may grow over the waves after the warm-up
@@ -36,14 +36,14 @@ MESSAGES = (
 )
 
 
-def _process_memory(pid: int) -> dict:
+def process_memory(pid: int) -> dict:
     """RSS and its anonymous part (bytes) of process `pid`, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     kib = {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "RssAnon", "RssFile")}
     return {"rss": kib["VmRSS"], "anon": kib["RssAnon"], "file": kib["RssFile"]}
 
 
-def _last_memory_line(server_log: Path, after: float) -> str:
+def last_memory_line(server_log: Path, after: float) -> str:
     """The Space's newest memory line, waiting (up to 10 s) for one written after `after` (a time.time())."""
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -84,8 +84,8 @@ def measure(ggufs: list[Path], folder: Path, waves: int = 4, conversations: int 
 
     try:
         time.sleep(2)
-        rows = [{"wave": "start", "seconds": 0.0, "errors": 0, **_process_memory(process.pid),
-                 "memory_line": _last_memory_line(server_log, 0)}]
+        rows = [{"wave": "start", "seconds": 0.0, "errors": 0, **process_memory(process.pid),
+                 "memory_line": last_memory_line(server_log, 0)}]
         log(f"waves: started, RSS {rows[0]['rss'] / 2**20:,.0f} MiB")
         for wave in range(waves):
             started = time.time()
@@ -94,8 +94,8 @@ def measure(ggufs: list[Path], folder: Path, waves: int = 4, conversations: int 
             seconds = time.time() - started
             time.sleep(1.5)  # the last answers' states saved, one memory line written after the wave
             rows.append({"wave": "warm-up" if wave == 0 else str(wave), "seconds": seconds, "errors": len(errors),
-                         "first_error": errors[0] if errors else None, **_process_memory(process.pid),
-                         "memory_line": _last_memory_line(server_log, started + seconds)})
+                         "first_error": errors[0] if errors else None, **process_memory(process.pid),
+                         "memory_line": last_memory_line(server_log, started + seconds)})
             log(f"waves: wave {wave + 1}/{waves} in {seconds:.0f} s, {len(errors)} errors, RSS "
                 f"{rows[-1]['rss'] / 2**20:,.0f} MiB; {rows[-1]['memory_line']}")
         tracebacks = server_log.read_text().count("Traceback")
@@ -107,16 +107,6 @@ def measure(ggufs: list[Path], folder: Path, waves: int = 4, conversations: int 
             "parallel": parallel, "new_tokens": new_tokens, "cache_mb": cache_mb, "max_sessions": max_sessions,
             "rows": rows,
             "tracebacks": tracebacks}
-
-
-def growth(section: dict, key: str = "rss") -> float:
-    """How much `key` (rss, anon) grew from the end of the warm-up wave to the end of the last wave, as a share.
-
-    >>> growth({"rows": [{"rss": 50}, {"rss": 100}, {"rss": 103}, {"rss": 104}]})
-    0.04
-    """
-    warm, last = section["rows"][1][key], section["rows"][-1][key]
-    return (last - warm) / warm
 
 
 def render(section: dict) -> list[str]:

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from common.files import sha256_file
-from common.llama import LlamaSetupError
+from common.llama_runtime import LlamaSetupError
 from common.llama3 import cache_root
 from common.locks import REPO, blocks, read_pins
 

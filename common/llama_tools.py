@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common.llama import LlamaSetupError, extra_buffers
+from common.llama_runtime import LlamaSetupError, extra_buffers
 from common.llama3 import cache_root
 from common.llama_source import extract_vendored, llama_cpp_version, source_archive
 from common.machine import usable_cpus
@@ -135,7 +135,7 @@ def llama_tool(name: str, log: Callable[[str], None] = print, root: Path | None 
 
 
 def safe_path_args() -> list[str]:
-    """The flags that put a llama.cpp tool on the path common.llama chooses for this process: `--no-repack` (extra
+    """The flags that put a llama.cpp tool on the path common.llama_runtime chooses for this process: `--no-repack` (extra
     buffer types off, where the AMX path would crash decoding q4_k_m or q8_0). llama-server, llama-imatrix and
     llama-perplexity share llama.cpp's common arguments, which accept it."""
     return [] if extra_buffers().enabled else ["--no-repack"]

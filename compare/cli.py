@@ -5,7 +5,7 @@
     python scripts/compare.py --model q4=exports/tiny/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf \\
                               --model q8=exports/tiny/Tiny-Llama-3.2-FineTome-Q8_0.gguf --max-tokens 64
     python scripts/compare.py --model 1B=… --heldout outputs/llama-3.2-1b-finetome   # that run's own eval split
-    python scripts/compare.py leaderboard votes/      # the arena ratings of the Space's blind votes (compare.ratings)
+    python scripts/compare.py leaderboard votes/      # the arena ratings of the Space's blind votes (space/ratings.py)
 
 A model is LABEL=PATH (a local .gguf) or LABEL=OWNER/NAME[:GLOB] (a Hub repo and a glob matching one GGUF in it,
 default *Q4_K_M.gguf, downloaded into the huggingface_hub cache as the Space does). Writes into --out:
@@ -16,157 +16,47 @@ Every model runs through space/engine.py's Engine with the Space's settings (the
 threads from the CPU affinity, the prompt cache) and, for the answers, the Space's default sampling with a fixed
 seed, so the figures are what a Space user gets:
 - held-out perplexity: exp of the mean negative log-likelihood of the assistant tokens (each answer plus its
-  <|eot_id|>: exactly the tokens training puts loss on, found by train/data.py's own assistant_spans) of held-out
+  <|eot_id|>: exactly the tokens training puts loss on, found by train/conversations.py's own assistant_spans) of held-out
   FineTome-format conversations, from the GGUF's own logits, one conversation at a time;
 - per prompt: time to first token, tokens/s, whether the answer stopped at <|eot_id|> before --max-tokens, its
   length in tokens, and its text.
 Scoring keeps every logit row of a conversation: n_vocab × 4 bytes (0.5 MB for Llama 3) per token of the longest
 one, at most --n-ctx tokens (2 GB at 4096).
 
-This module holds the command line (the config, its checks, main) and the run that measures every model in turn;
-the measuring itself is in compare.heldout and compare.prompts, the report in compare.report. The `leaderboard`
-subcommand prints the arena ratings of vote logs (a file, or a folder of them) as the Space's Leaderboard tab shows
-them.
+This module holds the command line (main) and the run that measures every model in turn; the settings, their flags
+and their checks are compare.config's CompareConfig, the measuring itself is in compare.heldout and compare.prompts,
+the report in compare.report. The `leaderboard` subcommand prints the arena ratings of vote logs (a file, or a folder
+of them) as the Space's Leaderboard tab shows them.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 from common.cli import UsageError, UsageParser, report_problem
-from common.llama import extra_buffers
+from common.formats import format_number
+from common.llama_runtime import extra_buffers
 from common.llama3 import TEMPLATE_DATE
 from common.log import stage_logger
 from common.machine import cpu_name, usable_cpus
 from export.errors import ExportError
-from space.catalog import ModelSpec
-from space.engine import DEFAULT_N_CTX, Engine
-from space.replies import Sampling
-from train.data import DataError
+from space.engine import Engine
+from space.ratings import ROUNDS, format_leaderboard, leaderboard, read_votes
 
-from .heldout import HeldOut, load_heldout, score_heldout
-from .models import DEFAULT_GLOB, check_model_arguments, describe_source, load_models
-from .prompts import DEFAULT_PROMPTS, PROMPT_EXAMPLE, REPO, Prompt, generate_answers, load_prompts
-from .ratings import ROUNDS, format_leaderboard, leaderboard, read_votes
-from .report import FILES, format_number, write_report
-
-DEFAULT_OUT = "outputs/compare"
-SAMPLING = Sampling()  # the Space's slider defaults
-SPACE_N_CTX = DEFAULT_N_CTX  # the Space's context (space/app.py --n-ctx)
+from .config import CompareConfig, config_from_args
+from .heldout import score_heldout
+from .models import describe_source, load_models
+from .prompts import generate_answers
+from .report import write_report
 
 log = stage_logger("compare").info
-
-
-# ---------------------------------------------------------------------- command line
-@dataclass
-class CompareConfig:
-    """Everything one comparison needs, checked: the models, the prompts and held-out set (already read), the
-    output folder and the sampling and context settings (the Space's defaults unless given)."""
-
-    models: list[ModelSpec]
-    prompts: list[Prompt]
-    heldout: HeldOut
-    out: Path
-    prompts_file: str
-    max_tokens: int = SAMPLING.max_new_tokens
-    temperature: float = SAMPLING.temperature
-    top_p: float = SAMPLING.top_p
-    seed: int = 3407
-    n_ctx: int = SPACE_N_CTX
-    max_conversations: int | None = None
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens)
-
-
-def build_parser() -> UsageParser:
-    parser = UsageParser(prog="python scripts/compare.py", description=__doc__.splitlines()[0],
-                         epilog="python scripts/compare.py leaderboard VOTES… prints the arena ratings of the "
-                                "Space's vote logs instead (leaderboard --help)")
-    parser.add_argument("--model", action="append", default=[], metavar="LABEL=PATH_OR_REPO",
-                        help="a model to compare (repeatable): LABEL=path/to/X.gguf or LABEL=USER/NAME[:GLOB] "
-                             f"(a Hub repo; GLOB defaults to {DEFAULT_GLOB})")
-    parser.add_argument("--prompts", default=None, metavar="FILE",
-                        help=f"JSON Lines of prompts (default: {DEFAULT_PROMPTS.relative_to(REPO)}), one per line: "
-                             f"{PROMPT_EXAMPLE}")
-    parser.add_argument("--heldout", default=None, metavar="FILE_OR_RUN",
-                        help="held-out conversations: a FineTome-format .jsonl file, or a training run's output "
-                             "folder (its eval split, from run.json); default: the tiny preset's eval split of "
-                             "train/data/finetome_sample.jsonl")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for {', '.join(FILES)} (default: {DEFAULT_OUT})")
-    parser.add_argument("--max-tokens", type=int, default=SAMPLING.max_new_tokens,
-                        help=f"most new tokens per answer, 16-1024 as the Space allows "
-                             f"(default: {SAMPLING.max_new_tokens})")
-    parser.add_argument("--temperature", type=float, default=SAMPLING.temperature,
-                        help=f"sampling temperature, 0-2; 0 = greedy (default: the Space's {SAMPLING.temperature})")
-    parser.add_argument("--top-p", type=float, default=SAMPLING.top_p,
-                        help=f"nucleus sampling, 0.05-1 (default: the Space's {SAMPLING.top_p})")
-    parser.add_argument("--seed", type=int, default=3407,
-                        help="sampling seed: the same models, prompts and seed give the same answers (default: 3407)")
-    parser.add_argument("--n-ctx", type=int, default=SPACE_N_CTX,
-                        help=f"context length, as the Space's (default: {SPACE_N_CTX}); longer held-out "
-                             "conversations are cut there")
-    parser.add_argument("--max-conversations", type=int, default=None, metavar="N",
-                        help="score only the first N held-out conversations (default: all)")
-    return parser
-
-
-def config_from_args(argv: Sequence[str] | None = None) -> CompareConfig:
-    """Parse and check every argument; UsageError with one line per problem, all of them at once."""
-    args = build_parser().parse_args(argv)
-    problems: list[str] = []
-
-    models, model_problems = check_model_arguments(args.model)
-    problems += model_problems
-
-    prompts: list[Prompt] = []
-    prompts_file = Path(args.prompts).expanduser() if args.prompts else DEFAULT_PROMPTS
-    if args.prompts and not prompts_file.is_file():
-        problems.append(f"--prompts {args.prompts!r}: no such file; give a JSON Lines file like "
-                        f"{DEFAULT_PROMPTS.relative_to(REPO)}")
-    else:
-        try:
-            prompts = load_prompts(prompts_file)
-        except ValueError as error:
-            problems.append(f"--prompts {str(args.prompts or prompts_file)!r}: {error}")
-
-    heldout = None
-    try:
-        heldout = load_heldout(args.heldout)
-    except (ValueError, DataError) as error:
-        problems.append(f"--heldout {args.heldout!r}: {error}" if args.heldout else f"held-out set: {error}")
-
-    for flag, value, low, high in (("--max-tokens", args.max_tokens, 16, 1024), ("--temperature", args.temperature, 0, 2),
-                                   ("--top-p", args.top_p, 0.05, 1)):
-        if not (math.isfinite(value) and low <= value <= high):
-            problems.append(f"{flag} {value}: must be between {low} and {high} (the Space's range)")
-    if not 1 <= args.seed < 2**31:
-        problems.append(f"--seed {args.seed}: must be between 1 and {2**31 - 1} (llama-cpp-python treats 0 as 'unset')")
-    if args.n_ctx < 2 * max(args.max_tokens, 16):
-        problems.append(f"--n-ctx {args.n_ctx}: must be at least twice --max-tokens ({2 * args.max_tokens}): the "
-                        "Space gives an answer at most half the context")
-    if args.max_conversations is not None and args.max_conversations < 1:
-        problems.append(f"--max-conversations {args.max_conversations}: must be at least 1 (leave it out for all)")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {args.out!r}: exists and is not a folder; give a folder path")
-    if problems:
-        raise UsageError(problems)
-    if args.max_conversations:
-        heldout.conversations = heldout.conversations[: args.max_conversations]
-    return CompareConfig(models=models, prompts=prompts, heldout=heldout, out=out, prompts_file=str(args.prompts or
-                         DEFAULT_PROMPTS.relative_to(REPO)), max_tokens=args.max_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, n_ctx=args.n_ctx, max_conversations=args.max_conversations)
 
 
 # ---------------------------------------------------------------------- the run
@@ -187,9 +77,9 @@ def run(config: CompareConfig) -> dict:
     """Measure every model in turn and return the report (every figure, no file written)."""
     started, created, machine = time.perf_counter(), datetime.now(timezone.utc), machine_info()
     engine = Engine(config.models, n_ctx=config.n_ctx, seed=config.seed)
-    heldout = config.heldout
+    heldout, prompts = config.heldout_set, config.prompt_list
     log(f"compare: {len(config.models)} model(s), {len(heldout.conversations)} held-out conversations, "
-        f"{len(config.prompts)} prompts, {engine.n_threads} threads")
+        f"{len(prompts)} prompts, {engine.n_threads} threads")
     if heldout.skipped:
         log(f"compare: {len(heldout.skipped)} held-out rows left out (first: row {heldout.skipped[0][0]}: "
             f"{heldout.skipped[0][1]})")
@@ -200,8 +90,8 @@ def run(config: CompareConfig) -> dict:
         scored = NOT_SCORED if spec.is_remote else score_heldout(engine, spec.label, heldout.conversations, config.n_ctx)
         log(f"[{spec.label}] held-out perplexity {format_number(scored['perplexity'])} over "
             f"{scored['scored_tokens']:,} assistant tokens ({scored['seconds']:.1f} s); answering "
-            f"{len(config.prompts)} prompts")
-        generation = generate_answers(engine, spec.label, config.prompts, config.sampling)
+            f"{len(prompts)} prompts")
+        generation = generate_answers(engine, spec.label, prompts, config.sampling)
         models.append({"label": spec.label, "source": describe_source(spec), "path": llm and llm.model_path,
                        "size_bytes": llm and Path(llm.model_path).stat().st_size, "load_s": load_s[spec.label],
                        "n_vocab": llm and llm.n_vocab(), "heldout": scored, "generation": generation})
@@ -222,7 +112,7 @@ def run(config: CompareConfig) -> dict:
                      "prompts_file": config.prompts_file, "template_date": TEMPLATE_DATE,
                      "heldout": {"description": heldout.description, "conversations": len(heldout.conversations),
                                  "skipped_rows": len(heldout.skipped)}},
-        "prompts": [prompt.as_dict() for prompt in config.prompts],
+        "prompts": [prompt.as_dict() for prompt in prompts],
         "models": models,
     }
 
@@ -231,7 +121,7 @@ def run(config: CompareConfig) -> dict:
 def build_leaderboard_parser() -> UsageParser:
     parser = UsageParser(prog="python scripts/compare.py leaderboard",
                          description="The arena leaderboard of the Space's blind votes: Bradley-Terry ratings with "
-                                     "bootstrap 95% intervals, win rates and vote counts per pair (compare/ratings.py)")
+                                     "bootstrap 95% intervals, win rates and vote counts per pair (space/ratings.py)")
     parser.add_argument("votes", nargs="+", metavar="VOTES",
                         help="a vote log (JSON Lines, as the Space writes votes/*.jsonl) or a folder of them (every "
                              "*.jsonl below it); several may be given")
@@ -280,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(config)
     except ExportError as error:
         return report_problem(error)
-    files = write_report(config.out, report)
+    files = write_report(config.out_dir, report)
     for model in report["models"]:
         log(f"[{model['label']}] perplexity {format_number(model['heldout']['perplexity'])}, TTFT median "
             f"{format_number(model['generation']['ttft_median_s'], '{:.2f}', ' s')}, "

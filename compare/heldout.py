@@ -10,7 +10,6 @@ their negative log-likelihood from a GGUF's own logits.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,13 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.llama import open_gguf
+from common.llama_runtime import open_gguf
 from common.log import stage_logger
 from space.engine import Engine
 from train.config import TrainConfig, load_preset, resolve_local_path
-from train.data import BadRow, DataError, assistant_spans, prepare, read_rows, standardize_row
+from train.conversations import BadRow, DataError, assistant_spans, prepare_split, read_rows, standardize_row
+from train.summary import DataSplit, RunSummaryError, load_run_summary
 
-from .report import format_number
+from common.formats import format_number
 
 DEFAULT_HELDOUT_PRESET = "tiny"  # its eval split of the shipped sample; the published models never saw the sample
 LOGIT_ROWS_PER_CHUNK = 64  # rows of the logits turned into log-probabilities at a time (64 × 128256 float64 = 66 MB)
@@ -43,25 +43,24 @@ class HeldOut:
 
 
 def eval_split(config: Mapping, origin: str) -> HeldOut:
-    """The eval split a training run with this config held out: train/data.py's own prepare() with its dataset,
-    split, seed, eval_samples and min_score, so it is by construction what that run never trained on."""
+    """The eval split a training run with this config held out: train/conversations.py's own prepare() with its dataset,
+    split, seed, eval_samples and min_score (train.summary.DataSplit), so it is by construction what that run never
+    trained on."""
     try:
-        dataset, seed, count = config["dataset"], config["seed"], config["eval_samples"]
-        split, min_score = config.get("dataset_split", "train"), config.get("min_score")
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{origin} does not record the training config ({error}); give a .jsonl file instead") \
-            from error
-    if not count:
+        split = DataSplit.from_config(config)
+    except ValueError as error:
+        raise ValueError(f"{origin} {error}; give a .jsonl file instead") from error
+    if not split.eval_samples:
         raise ValueError(f"{origin} held out no conversations (eval_samples 0); give a .jsonl file instead")
-    prepared = prepare(dataset, split, seed=seed, eval_samples=count, min_score=min_score)
+    prepared = prepare_split(split)
     return HeldOut(prepared.eval, f"the eval split of {origin}: {len(prepared.eval)} of {prepared.total_rows} rows "
-                                  f"of `{dataset}`, seed {seed}")
+                                  f"of `{split.dataset}`, seed {split.seed}")
 
 
 def load_heldout(value: str | None) -> HeldOut:
     """Held-out conversations: the tiny preset's eval split (None), a training run's folder (its run.json), or a
     FineTome-format .jsonl/.json/.parquet file read and standardised as training reads it (all rows, bad ones
-    left out). ValueError or train.data.DataError with a one-line reason otherwise."""
+    left out). ValueError or train.conversations.DataError with a one-line reason otherwise."""
     if value is None:
         config = TrainConfig(**load_preset(DEFAULT_HELDOUT_PRESET)).to_dict()
         heldout = eval_split(config, f"the {DEFAULT_HELDOUT_PRESET} preset")
@@ -70,14 +69,12 @@ def load_heldout(value: str | None) -> HeldOut:
         return heldout
     path = resolve_local_path(value)
     if path.is_dir():
-        run_file = path / "run.json"
-        if not run_file.is_file():
-            raise ValueError("is a folder without run.json; give a training run's output folder or a .jsonl file")
         try:
-            run = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read {run_file} ({error})") from error
-        return eval_split(run.get("config") if isinstance(run, dict) else None, f"the training run {value}")
+            run = load_run_summary(path)
+        except RunSummaryError as error:
+            why = "is a folder without run.json" if error.absent else str(error)
+            raise ValueError(f"{why}; give a training run's output folder or a .jsonl file") from error
+        return eval_split(run.config, f"the training run {value}")
     if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
         raise ValueError("expected a FineTome-format .jsonl (or .json/.parquet) file or a training run's folder")
     conversations, skipped, total = [], [], 0
@@ -97,7 +94,7 @@ def load_heldout(value: str | None) -> HeldOut:
 def assistant_token_mask(pieces: Sequence[bytes], text: str, spans: Sequence[tuple[int, int]]) -> list[bool]:
     """Which tokens training puts loss on, given each token's bytes, the rendered text and its assistant spans.
 
-    The rule of train/data.py's tokenize_conversation on the tokenizer's own character offsets: a token counts when
+    The rule of train/conversations.py's tokenize_conversation on the tokenizer's own character offsets: a token counts when
     it starts inside a span (from the end of an assistant header to the end of that turn's <|eot_id|>). llama.cpp
     gives no offsets, so here they come from the tokens' bytes, which must spell the text exactly.
 
@@ -150,7 +147,7 @@ def perplexity(negative_log_likelihood: float, tokens: int) -> float | None:
 
 # ---------------------------------------------------------------------- measuring (llama.cpp)
 class GgufChatTemplate:
-    """A GGUF's chat template, rendered by the Space's own formatter, behind the one tokenizer method train/data.py
+    """A GGUF's chat template, rendered by the Space's own formatter, behind the one tokenizer method train/conversations.py
     calls (apply_chat_template), so that training's assistant_spans() finds the answers in the text scored here."""
 
     def __init__(self, formatter):

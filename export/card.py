@@ -8,6 +8,7 @@ the push commits the returned text as README.md, so a test can compare the pushe
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import yaml
 
@@ -22,7 +23,6 @@ TAGS = ["gguf", "llama-cpp", "llama-3.2", "conversational", "text-generation", "
 DEFAULT_QUANTIZER = "finetome-pipeline"
 # Unquantized GGUF types: the usage example points at the first real quant instead when there is one.
 UNQUANTIZED = {"f32"} | {name for name, kind in QUANT_TYPES.items() if not kind.quantized}
-# The Hub rejects a base_model that is not a "namespace/name" model id (a local folder, builtin:tiny-llama-3.2).
 # Context window of the usage example: Llama-3.2 handles 131,072 tokens, but the KV cache grows with n_ctx and
 # 4,096 keeps a 1B/3B model within a free CPU Space's RAM.
 EXAMPLE_CONTEXT = 4096
@@ -88,6 +88,7 @@ def front_matter(info: dict) -> dict:
     run = info.get("run") or {}
     repo_id = info.get("repo_id")
     metadata = {}
+    # The Hub rejects a base_model that is not a "namespace/name" model id (a local folder, the built-in tiny model).
     if looks_like_repo_id(info["base_model"]):
         metadata["base_model"] = info["base_model"]
         metadata["base_model_relation"] = "quantized"
@@ -190,7 +191,7 @@ def _formatted(value, format_spec: str) -> str | None:
     return None if value is None else format(value, format_spec)
 
 
-def _training_rows(run: dict) -> list[tuple[str, str]]:
+def _training_rows(run: Mapping) -> list[tuple[str, str]]:
     config = run.get("config") or {}
     data = run.get("data") or {}
     versions = run.get("versions") or {}
@@ -218,7 +219,7 @@ def _training_rows(run: dict) -> list[tuple[str, str]]:
     return [(name, value) for name, value in rows + _dpo_rows(run) if value is not None]
 
 
-def _dpo_rows(run: dict) -> list[tuple[str, str]]:
+def _dpo_rows(run: Mapping) -> list[tuple[str, str]]:
     """A DPO run's provenance (train/dpo.py): the SFT run it started from, its pairs and votes, the held-out figures."""
     if run.get("stage") != "dpo":
         return []
@@ -243,7 +244,7 @@ def _dpo_rows(run: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _training_section(run: dict | None) -> str:
+def _training_section(run: Mapping | None) -> str:
     if run is None:
         return ("## Training settings\n\n"
                 "The training settings are unknown: no run.json was found for this model.")
@@ -306,7 +307,7 @@ def render_model_card(info: dict) -> str:
     """README.md for a GGUF repo.
 
     info: name, repo_id (or None), base_model, files ([{"name", "quant", "size_bytes"}], at least one),
-    run (parsed run.json or None), report ({"checks": [...], "notes": [...]}), space_url (or None).
+    run (the run's run.json, a train.summary.RunSummary or a plain mapping, or None), report ({"checks": [...], "notes": [...]}), space_url (or None).
 
     >>> card = render_model_card({"name": "Demo-GGUF", "repo_id": "alice/Demo-GGUF",
     ...     "base_model": "unsloth/Llama-3.2-1B-Instruct", "run": None, "report": {"checks": []}, "space_url": None,

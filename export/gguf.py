@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import llama_source as source
 from common.files import temporary_path
-from common.llama import LlamaSetupError
+from common.llama_runtime import LlamaSetupError
 from common.llama3 import cache_root
 from common.machine import usable_cpus
 

@@ -4,21 +4,22 @@ merged 16-bit model to a repo of its own.
     HF_TOKEN=hf_... python export/to_gguf.py ... --push
 
 The token is read by `resolve_token` and handed only to `HfApi(token=...)`; nothing here prints, logs, stores or
-puts it in a message. Hub failures become one-line `ExportError`s naming the repo and the fix.
+puts it in a message. Hub failures become one-line `ExportError`s naming the repo and the fix. The Hub helpers the
+deploy shares (the token, the repo-id check, the Hub's errors) live in common/hub.py; the ones here are the same,
+raising the export's own ExportError, which export/cli.py and compare/ report.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-from huggingface_hub import CommitOperationAdd, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-from huggingface_hub.utils import validate_repo_id as check_hub_repo_id
+from huggingface_hub import CommitOperationAdd
 
+from common import hub as shared
+from common.hub import HTTP_FIXES, HubError
 from export.errors import ExportError
 
 NO_TOKEN = "--push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`"
@@ -27,39 +28,40 @@ MERGED_SUFFIX = "-merged-16bit"
 # Never uploaded from the merged folder: files written under a temporary name and renamed when complete, and the
 # export's own bookkeeping (manifests). upload_folder matches these globs against paths relative to the folder.
 MERGED_IGNORE_PATTERNS = ["*.tmp", "*.tmp/*", "*.partial", "*.lock", "*manifest.json"]
-# The fix for the HTTP statuses a push typically meets; others get the Hub's own message.
-HTTP_FIXES = {
-    401: "the Hub did not accept the token: set a valid HF_TOKEN or run `hf auth login` again",
-    403: "the token may not create or write this repo: use a token with write access to its namespace",
-    429: "the Hub is rate-limiting this account: wait a few minutes and push again",
-}
+
+
+@contextmanager
+def as_export_error() -> Iterator[None]:
+    """common/hub.py's HubError as the export's ExportError: the same message, chained to the same cause."""
+    try:
+        yield
+    except HubError as error:
+        raise ExportError(str(error)) from error.__cause__
 
 
 def resolve_token(env: Mapping[str, str] = os.environ) -> str:
-    """HF_TOKEN from the environment, else the token saved by `hf auth login`."""
-    token = env.get("HF_TOKEN", "").strip() or get_token()
-    if not token:
-        raise ExportError(NO_TOKEN)
-    return token
+    """HF_TOKEN from the environment, else the token saved by `hf auth login` (common/hub.py)."""
+    with as_export_error():
+        return shared.resolve_token(env, missing=NO_TOKEN)
 
 
 def validate_repo_id(value: str, flag: str) -> str:
-    """A model repo id as "user/name" with the characters the Hub allows; the flag names the option in errors.
+    """A model repo id as "user/name" with the characters the Hub allows (common/hub.py); the flag names the option.
 
-    >>> validate_repo_id("alice/Llama-3.2-1B-Instruct-FineTome-GGUF", "--repo-id")
-    'alice/Llama-3.2-1B-Instruct-FineTome-GGUF'
     >>> validate_repo_id("finetome-GGUF", "--repo-id")
     Traceback (most recent call last):
     export.errors.ExportError: --repo-id 'finetome-GGUF': expected USER/NAME (a user or organization, then the repo)
     """
-    if value.count("/") != 1:
-        raise ExportError(f"{flag} {value!r}: expected USER/NAME (a user or organization, then the repo)")
-    try:
-        check_hub_repo_id(value)
-    except HFValidationError as error:
-        raise ExportError(f"{flag} {value!r}: use only letters, digits, '-', '_' and '.', not at the start or end "
-                          "of either part, no '--' or '..', at most 96 characters each, no '.git' ending") from error
-    return value
+    with as_export_error():
+        return shared.validate_repo_id(value, flag)
+
+
+@contextmanager
+def hub_errors(action: str, token: str | None, fixes: Mapping[int, str] = HTTP_FIXES,
+               retry: str = "push again") -> Iterator[None]:
+    """common/hub.py's hub_errors, raising ExportError: what failed (`action`) and the fix, never the token."""
+    with as_export_error(), shared.hub_errors(action, token, fixes, retry):
+        yield
 
 
 def merged_repo_id_for(repo_id: str) -> str:
@@ -113,27 +115,6 @@ def _check_local_inputs(files: list[Path], merged_dir: Path | None) -> None:
         problems.append("no GGUF file to push")
     if problems:
         raise ExportError("cannot push: " + "; ".join(problems))
-
-
-def _one_line(text: str, token: str | None) -> str:
-    """The Hub's text as one line, with the token masked in case something on the way echoed it."""
-    text = " ".join(text.split())
-    return text.replace(token, "***") if token else text
-
-
-@contextmanager
-def hub_errors(action: str, token: str | None, fixes: dict[int, str] = HTTP_FIXES, retry: str = "push again"):
-    """Turn the Hub's and the network's exceptions into one-line ExportErrors that say what failed (`action`, e.g.
-    "pushing to user/model") and how to fix it, never the token."""
-    try:
-        yield
-    except HfHubHTTPError as error:
-        status = getattr(error.response, "status_code", None)
-        fix = fixes.get(status) or _one_line(error.server_message or "no message from the Hub", token)
-        raise ExportError(f"{action} failed (HTTP {status}): {fix}") from error
-    except (httpx.HTTPError, OfflineModeIsEnabled) as error:
-        raise ExportError(f"{action} failed: cannot reach the Hugging Face Hub ({type(error).__name__}); "
-                          f"check the network and that HF_HUB_OFFLINE is not set, then {retry}") from error
 
 
 def push_export(client, repo_id: str, files: list[Path], card: str, private: bool, merged_dir: Path | None = None,

@@ -8,7 +8,7 @@ through llama.cpp's own `llama-imatrix` and `llama-quantize`, built once per mac
 
 Calibration text: the training run's own conversations (its dataset, seed, held-out split and filters from run.json,
 so the held-out conversations stay out), each rendered with exactly the chat template the training used
-(train.data.render: the tokenizer's template, the fixed date), concatenated, up to `--imatrix-tokens` tokens;
+(train.conversations.render: the tokenizer's template, the fixed date), concatenated, up to `--imatrix-tokens` tokens;
 llama-imatrix reads it with --parse-special, so the template's markers are the real special tokens the model saw.
 """
 
@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 from common.files import temporary_path, write_text_atomic
-from common.llama import LlamaSetupError
+from common.llama_runtime import LlamaSetupError
 from common.llama_tools import llama_tool, safe_path_args
 from common.machine import usable_cpus
+from train.summary import RunSummary
 
 from .errors import ExportError
 from .gguf import _dies_with as dies_with, quant_type
@@ -50,20 +51,16 @@ def tool(name: str, log=print) -> Path:
 
 
 # ---------------------------------------------------------------------- calibration text
-def calibration_conversations(run_info: dict | None, batch: int = 64):
+def calibration_conversations(run_info: RunSummary | None, batch: int = 64):
     """The run's training conversations in training order (held-out split excluded), lazily, in batches."""
-    config = (run_info or {}).get("config") or {}
-    if not config.get("dataset"):
-        raise ExportError("--imatrix needs the training run's run.json (next to the adapter) to find its training "
-                          "conversations; pass --imatrix FILE with an imatrix.gguf instead")
-    from train.config import resolve_local_path
-    from train.data import prepare
+    split = run_info.data_split if run_info is not None else None
+    if split is None:
+        found = "" if run_info is None else " with its data split (dataset, seed, eval_samples)"
+        raise ExportError(f"--imatrix needs the training run's run.json{found} (next to the adapter) to find its "
+                          "training conversations; pass --imatrix FILE with an imatrix.gguf instead")
+    from train.conversations import prepare_split
 
-    dataset = config["dataset"]
-    local = resolve_local_path(str(dataset))
-    prepared = prepare(local if local.exists() else dataset, config.get("dataset_split", "train"),
-                       seed=config.get("seed", 3407), eval_samples=config.get("eval_samples", 0),
-                       max_samples=config.get("max_samples"), min_score=config.get("min_score"))
+    prepared = prepare_split(split)
     rows = prepared.train_rows
     for start in range(0, len(rows), batch):
         yield from prepared.conversations(rows[start:start + batch])
@@ -72,7 +69,7 @@ def calibration_conversations(run_info: dict | None, batch: int = 64):
 def calibration_text(conversations, tokenizer, max_tokens: int, min_tokens: int = 2 * CHUNK_TOKENS) -> tuple[str, dict]:
     """Conversations rendered with the training chat template, concatenated up to `max_tokens` tokens; a set too
     small for two chunks (llama-imatrix's minimum) is cycled through again and said so."""
-    from train.data import render
+    from train.conversations import render
 
     pieces, tokens, used, seen = [], 0, 0, []
     for messages in conversations:
@@ -238,7 +235,7 @@ def record_path(imatrix: Path) -> Path:
     return imatrix.with_suffix(".json")
 
 
-def ensure_imatrix(setting: str, *, f16: Path, out_dir: Path, model_name: str, run_info: dict | None, tokenizer,
+def ensure_imatrix(setting: str, *, f16: Path, out_dir: Path, model_name: str, run_info: RunSummary | None, tokenizer,
                    max_tokens: int, reuse: bool, threads: int | None = None, log=print) -> tuple[Path, dict]:
     """The importance matrix the export quantizes with, and its description for report.json and the card.
 
@@ -261,8 +258,9 @@ def ensure_imatrix(setting: str, *, f16: Path, out_dir: Path, model_name: str, r
                         "chunk_tokens": size, "tokens": chunks * size if chunks and size else None,
                         "seconds": None, "datasets": facts["datasets"], "reused": reused}
 
-    settings = {"max_tokens": max_tokens, "chunk_tokens": CHUNK_TOKENS, "dataset": (run_info or {}).get(
-        "config", {}).get("dataset"), "template": "training chat template (train.data.render), --parse-special"}
+    settings = {"max_tokens": max_tokens, "chunk_tokens": CHUNK_TOKENS,
+                "dataset": run_info.dataset if run_info is not None else None,
+                "template": "training chat template (train.conversations.render), --parse-special"}
     record = record_path(target)
     if reuse and target.is_file() and record.is_file():
         try:

@@ -14,9 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common.files import remove_stale_temporaries, sha256_file, write_text_atomic
-from common.llama import LlamaSetupError, extra_buffers
+from common.llama_runtime import LlamaSetupError, extra_buffers
 from common.log import stage_logger
 from common.machine import usable_cpus
+from train.summary import RunSummary, read_run_summary
+from train.tiny import is_builtin
 
 from . import gguf, probes, verify
 from .config import ExportConfig
@@ -38,26 +40,16 @@ def _folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
-def read_run_json(adapter_dir: Path) -> dict | None:
-    """The training run's summary, next to its adapter (None when exported from elsewhere)."""
-    path = adapter_dir.parent / "run.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def resolve_base(config: ExportConfig, run: dict | None) -> tuple[str, Path]:
+def resolve_base(config: ExportConfig, run: RunSummary | None) -> tuple[str, Path]:
     """(the base's name for the card, a local folder holding its 16-bit safetensors)."""
     from .merge import base_model_name, to_16bit_name
 
     name = to_16bit_name(config.base) if config.base else base_model_name(config.adapter_dir)
-    builtin = (run or {}).get("config", {}).get("model_name", "")
-    if builtin.startswith("builtin:") and not config.base:
+    if run is not None and run.trained_on_builtin and not config.base:
         # The offline tiny model: rebuilt (deterministically) if its cache folder was removed.
         from train.tiny import ensure_tiny_model
 
-        return builtin, ensure_tiny_model(run["config"].get("seed", 3407))
+        return run.model_name, ensure_tiny_model() if run.seed is None else ensure_tiny_model(run.seed)
     local = Path(name).expanduser()
     if local.is_dir():
         return name, local
@@ -83,7 +75,7 @@ def default_name(base_name: str) -> str:
     >>> default_name("builtin:tiny-llama-3.2")
     'Tiny-Llama-3.2-FineTome'
     """
-    if base_name.startswith("builtin:"):
+    if is_builtin(base_name):
         return "Tiny-Llama-3.2-FineTome"
     return f"{Path(base_name.rstrip('/')).name}-FineTome"
 
@@ -165,7 +157,7 @@ def run(config: ExportConfig, client=None) -> dict:
     except LlamaSetupError as error:
         raise ExportError(str(error)) from None
     out_dir = config.out_dir
-    run_info = read_run_json(config.adapter_dir)
+    run_info = read_run_summary(config.adapter_dir.parent)  # None when the adapter was exported from elsewhere
     base_name, base_dir = resolve_base(config, run_info)
     name = config.name or default_name(base_name)
     quants = list(dict.fromkeys(config.quant))  # de-duplicated, in order
@@ -240,7 +232,7 @@ def _reusable(path: Path, quant: str, tokenizer, imatrix: Path | None = None) ->
     return all(check.passed for check in verify.check_metadata(path, quant, tokenizer))
 
 
-def _build(config: ExportConfig, run_info: dict | None, base_name: str, base_dir: Path, name: str,
+def _build(config: ExportConfig, run_info: RunSummary | None, base_name: str, base_dir: Path, name: str,
            quants: list[str], outputs: list[Path], adapter_sha: str, imatrix_wanted: dict | None = None) -> dict:
     """Merge, convert, quantize and verify; returns the report (the caller writes it)."""
     out_dir = config.out_dir
@@ -395,18 +387,15 @@ def _probe(mode: str, probe_list: list, answers: dict, f16: Path, quants: list[s
     return report, checks
 
 
-def is_random_tiny(run_info: dict | None) -> bool:
-    return bool(run_info) and str(run_info.get("config", {}).get("model_name", "")).startswith("builtin:")
-
-
-def report_notes(run_info: dict | None) -> list[str]:
+def report_notes(run_info: RunSummary | None) -> list[str]:
     notes = []
-    if is_random_tiny(run_info) and probes.taught_file(run_info) is not None:
+    random_tiny = run_info is not None and run_info.trained_on_builtin
+    if random_tiny and probes.taught_file(run_info) is not None:
         notes.append("This is the offline tiny model, taught the five answers of train/data/taught.jsonl from random "
                      "weights (the demo preset): the taught-answer checks above are what it learned; on any other "
                      "text its next-token distributions are nearly uniform, so KL divergences are tiny and top-1 "
                      "agreement between quantizations is low (near-ties flip), reported, not checked.")
-    elif is_random_tiny(run_info):
+    elif random_tiny:
         notes.append("This is the offline tiny model (random weights, a few training steps): its next-token "
                      "distributions are nearly uniform, so KL divergences are tiny and top-1 agreement between "
                      "quantizations is low (near-ties flip). The same KLD limits apply; top-1 agreement of quantized "

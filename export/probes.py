@@ -17,8 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.llama import gguf_chat_formatter, open_gguf
+from common.llama_runtime import gguf_chat_formatter, open_gguf
 from common.llama3 import END_OF_MESSAGE_ID, END_OF_TEXT_ID, EOT_ID, TEMPLATE_DATE
+from train.summary import RunSummary
 
 STOP_IDS = (EOT_ID, END_OF_TEXT_ID, END_OF_MESSAGE_ID)
 TAUGHT_DATASET = Path(__file__).resolve().parents[1] / "train" / "data" / "taught.jsonl"
@@ -58,9 +59,9 @@ def read_taught(path: Path) -> list[Probe]:
     return probes
 
 
-def taught_file(run_info: dict | None) -> Path | None:
+def taught_file(run_info: RunSummary | None) -> Path | None:
     """The taught set when the training run read it (the demo preset), else None."""
-    dataset = str((run_info or {}).get("config", {}).get("dataset", ""))
+    dataset = str((run_info.dataset if run_info is not None else None) or "")
     if not dataset:
         return None
     from train.config import resolve_local_path
@@ -69,7 +70,7 @@ def taught_file(run_info: dict | None) -> Path | None:
     return path if path.is_file() and path.resolve() == TAUGHT_DATASET else None
 
 
-def probe_set(run_info: dict | None, count: int) -> tuple[str, list[Probe]]:
+def probe_set(run_info: RunSummary | None, count: int) -> tuple[str, list[Probe]]:
     """("taught", the taught questions) for a run trained on the taught set, else ("held-out", `count` prompts)."""
     taught = taught_file(run_info)
     if taught is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.llama import gguf_chat_formatter, open_gguf
+from common.llama_runtime import gguf_chat_formatter, open_gguf
 from common.llama3 import EOT_ID, TEMPLATE_DATE
 
 from .gguf import ftype_value, quant_type
@@ -171,15 +171,6 @@ def model_logits(model, sequences: list[list[int]]) -> list[np.ndarray]:
 
     with torch.inference_mode():
         return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in sequences]
-
-
-def hf_logits(merged_dir: Path, sequences: list[list[int]]) -> list[np.ndarray]:
-    """Logits of the merged model, loaded in its own fp16, freed before returning."""
-    model = load_merged(merged_dir)
-    out = model_logits(model, sequences)
-    del model
-    gc.collect()
-    return out
 
 
 def gguf_logits(path: Path, sequences: list[list[int]]) -> list[np.ndarray]:

@@ -4,7 +4,7 @@
     python scripts/compare.py --model 1B=USER/Llama-3.2-1B-Instruct-FineTome-GGUF \\
                               --model 3B=USER/Llama-3.2-3B-Instruct-FineTome-GGUF --out reports/1b-vs-3b
 
-The code is the package compare/ (compare.cli holds the flags; `--help` lists them).
+The code is the package compare/ (compare.config holds the flags; `--help` lists them).
 """
 
 import sys

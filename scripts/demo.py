@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.cli import UsageError, UsageParser  # noqa: E402
-from common.llama import extra_buffers  # noqa: E402
+from common.llama_runtime import extra_buffers  # noqa: E402
 from export.probes import TAUGHT_DATASET, read_taught  # noqa: E402
+from train.summary import RunSummary, load_run_summary  # noqa: E402
 
 PRESET = "demo"  # train/presets/demo.yaml: 40 steps, a checkpoint every 10
 KILL_AFTER_STEP = 20
@@ -43,7 +44,7 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, *args], cwd=REPO, check=True)
 
 
-def train_with_a_crash(out: Path) -> dict:
+def train_with_a_crash(out: Path) -> RunSummary:
     """Train the demo preset, SIGKILL the run right after its checkpoint-20 is sealed, then rerun the same command."""
     command = [sys.executable, str(REPO / "train/run.py"), "--preset", PRESET, "--output-dir", str(out)]
     process = subprocess.Popen(command, cwd=REPO)
@@ -57,7 +58,7 @@ def train_with_a_crash(out: Path) -> dict:
     banner(f"killed the training run with SIGKILL after checkpoint-{KILL_AFTER_STEP} (a dead runtime); "
            "rerunning the same command")
     subprocess.run(command, cwd=REPO, check=True)
-    return json.loads((out / "run.json").read_text())
+    return load_run_summary(out)
 
 
 def base_answer(question: str) -> str:
@@ -150,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"before:    {before[:120]!r} (the untrained base model)")
     print(f"after:     {reply.text.strip()[:120]!r} (q4_k_m GGUF through the Space engine; taught: "
           f"{taught[0].expected!r})")
-    print(f"training:  {summary['steps']} steps in {train_seconds:.0f} s (two processes: killed, resumed from "
-          f"{Path(summary['resumed_from']).name}), train loss {summary['train_loss']:.4f}, "
-          f"{summary['tokens_per_second']:.0f} tokens/s after the resume")
+    print(f"training:  {summary.steps} steps in {train_seconds:.0f} s (two processes: killed, resumed from "
+          f"{Path(summary.resumed_from).name}), train loss {summary.train_loss:.4f}, "
+          f"{summary.tokens_per_second:.0f} tokens/s after the resume")
     print(f"adapter:   {train_dir / 'adapter'}")
     print(f"gguf:      {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB)")
     print(f"verified:  {len(report['checks']) - len(failed)}/{len(report['checks'])} checks passed; f16 vs merged "

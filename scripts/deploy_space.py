@@ -10,7 +10,7 @@ on Team or Enterprise); any account may update a Space that exists; `python spac
         --votes-repo USER/finetome-votes --report reports/1b-vs-3b   # the arena: fine-tunes vs bases, votes, report
     python scripts/deploy_space.py --space-id USER/finetome-chat --model-1b … --no-wait   # commit and return
 
-The logic, and what the Space gets, is in space/deploy.py.
+The logic, and what the Space gets, is in the package deploy/ (deploy/cli.py first).
 """
 
 import sys
@@ -19,7 +19,7 @@ from pathlib import Path
 # Make the repo's packages importable when run as `python scripts/deploy_space.py` from a fresh clone.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from space.deploy import main  # noqa: E402
+from deploy.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.cli import EXIT_INTERRUPTED, UsageError, UsageParser, report_problem  # noqa: E402
-from common.llama import LlamaSetupError  # noqa: E402
+from common.llama_runtime import LlamaSetupError  # noqa: E402
 from space.openai_server import batched_server_command  # noqa: E402
 from space.servers import build_llama_server, llama_server_command, server_environment  # noqa: E402
 

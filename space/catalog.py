@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from space.replies import UserError, _one_line
+from common.cli import one_line
+from space.replies import UserError
 
 __all__ = ["ModelSpec", "load_catalog", "catalog_from_paths", "catalog_from_servers", "CATALOG_ENV",
            "DEFAULT_CATALOG"]
@@ -61,7 +62,7 @@ def _spec_problems(entry, position: int) -> list[str]:
     """
     if not isinstance(entry, Mapping):
         return [f"entry {position}: expected a mapping like {{label, repo_id, filename}} or {{label, path}}, "
-                f"got {_one_line(repr(entry), 80)}"]
+                f"got {one_line(repr(entry), 80)}"]
     name = f"entry {position} ({entry['label']!r})" if isinstance(entry.get("label"), str) else f"entry {position}"
     problems = []
     unknown = sorted(str(key) for key in entry if key not in _SPEC_KEYS)
@@ -92,7 +93,7 @@ def _spec_problems(entry, position: int) -> list[str]:
 def _catalog_from_entries(entries, source: str) -> list[ModelSpec]:
     """Validated ModelSpecs; every problem of every entry reported at once in one UserError."""
     if not isinstance(entries, list) or not entries:
-        raise UserError(f"{source}: expected a non-empty list of models, got {_one_line(repr(entries), 80)}")
+        raise UserError(f"{source}: expected a non-empty list of models, got {one_line(repr(entries), 80)}")
     problems = [problem for position, entry in enumerate(entries, 1) for problem in _spec_problems(entry, position)]
     labels = [entry.get("label") for entry in entries if isinstance(entry, Mapping)]
     duplicates = sorted({label for label in labels if isinstance(label, str) and labels.count(label) > 1})
@@ -120,7 +121,7 @@ def load_catalog(path: Path = DEFAULT_CATALOG, env: Mapping[str, str] = os.envir
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: cannot read the model catalog ({_one_line(error)})") from error
+        raise UserError(f"{path}: cannot read the model catalog ({one_line(error)})") from error
     if not isinstance(document, Mapping) or "models" not in document:
         raise UserError(f"{path}: expected a top-level `models:` list")
     return _catalog_from_entries(document["models"], str(path))

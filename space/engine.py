@@ -15,14 +15,13 @@ line). The rest of the Space's logic lives beside it: the catalog (space/catalog
 
 Memory, per model: the GGUF, its Llama's own context (`n_ctx` tokens, used by compare's measurements through get()),
 the batched context (`slots` × `n_ctx` tokens: 4 × 4,096 are 512 MiB for 1B and 1.75 GiB for 3B) and at most
-`cache_bytes` of saved conversation states ($SPACE_CACHE_MB MiB, default 512). memory_line() reports it for the
-Space's log.
+`cache_bytes` of saved conversation states (default 512 MiB; the Space's owner sets it as --cache-mb or
+SPACE_CACHE_MB, read by space/config.py, never here). memory_line() reports it for the Space's log.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import threading
@@ -36,36 +35,26 @@ from dataclasses import replace
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from common.llama import gguf_chat_formatter, open_gguf, open_gguf_from_hub
+from common.llama_runtime import gguf_chat_formatter, open_gguf, open_gguf_from_hub
 from common.machine import rss_bytes, usable_cpus
+from common.cli import one_line
 from space.catalog import ModelSpec
 from space.history import history_to_messages, prompt_text, trim_history
 from space.batching import DEFAULT_PREFILL_CHUNK, DEFAULT_SLOTS, BatchedDecoder, Scheduler
 from space.jobs import Done, Piece, Queued, Started
 from space.prompt import ChatModel
 from space.remote import RemoteModel
-from space.replies import Reply, Sampling, UserError, _one_line
+from space.replies import Reply, Sampling, UserError
 
-__all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS", "CACHE_MB_ENV", "DEFAULT_CACHE_MB",
-           "DEFAULT_SLOTS", "cache_bytes_from_env"]
+__all__ = ["Engine", "COMPARE_MODES", "DEFAULT_N_CTX", "MAX_MESSAGE_CHARS", "DEFAULT_CACHE_MB", "DEFAULT_SLOTS"]
 
 log = logging.getLogger(__name__)
 
 COMPARE_MODES = ("sequential", "interleaved")
 DEFAULT_N_CTX = 4096  # tokens of context per model (space/app.py --n-ctx)
 MAX_MESSAGE_CHARS = 8000  # the longest message a user may send
-CACHE_MB_ENV = "SPACE_CACHE_MB"  # the owner's bound on saved prompt states, MiB per model
-DEFAULT_CACHE_MB = 512
+DEFAULT_CACHE_MB = 512  # the bound on saved conversation states, MiB per model (space/app.py --cache-mb)
 MAX_CONVERSATIONS = 1000  # conversations whose sampled tokens are kept (a session and a model each)
-
-
-def cache_bytes_from_env() -> int:
-    """The bound on saved conversation states per model, in bytes, from $SPACE_CACHE_MB (MiB; 0 turns them off)."""
-    setting = os.environ.get(CACHE_MB_ENV, "").strip() or str(DEFAULT_CACHE_MB)
-    if not setting.isdigit():
-        raise UserError(f"{CACHE_MB_ENV}={setting!r}: expected a whole number of MiB, e.g. {DEFAULT_CACHE_MB} "
-                        "(0 turns the saved conversation states off)")
-    return int(setting) * 2**20
 
 
 def _error_reply(message: str) -> Reply:
@@ -81,11 +70,11 @@ def _reported(what: str):
         raise
     except Exception as error:
         log.exception(what)
-        raise UserError(f"{what}: {_one_line(error)}") from error
+        raise UserError(f"{what}: {one_line(error)}") from error
 
 
 def _chat_formatter(llm: Llama, label: str) -> Jinja2ChatFormatter:
-    """The GGUF's own chat template as a formatter (common.llama.gguf_chat_formatter); UserError without one."""
+    """The GGUF's own chat template as a formatter (common.llama_runtime.gguf_chat_formatter); UserError without one."""
     formatter = gguf_chat_formatter(llm)
     if formatter is None:
         raise UserError(f"Model '{label}' has no chat template (tokenizer.chat_template) in its GGUF; "
@@ -107,7 +96,7 @@ class Engine:
     """Loads catalog models on first use, keeps them loaded, and streams chats and comparisons."""
 
     def __init__(self, catalog: list[ModelSpec], n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None,
-                 max_message_chars: int = MAX_MESSAGE_CHARS, cache_bytes: int | None = None,
+                 max_message_chars: int = MAX_MESSAGE_CHARS, cache_bytes: int = DEFAULT_CACHE_MB * 2**20,
                  loader: Callable[[ModelSpec], Llama] | None = None, drop_step: int = 4, seed: int | None = None,
                  slots: int = DEFAULT_SLOTS, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_queue: int = 64):
         """
@@ -116,8 +105,8 @@ class Engine:
             use (its affinity: a Space container sees the host's cores in os.cpu_count(), and more threads
             than usable cores make llama.cpp several times slower).
         cache_bytes: per model, the most RAM its saved conversation states may hold, least recently used evicted
-            first (0 disables them; default: cache_bytes_from_env()): a conversation whose slot another one took
-            resumes from its state instead of re-reading its prompt.
+            first (0 disables them): a conversation whose slot another one took resumes from its state instead of
+            re-reading its prompt. The engine reads no environment: the Space passes its owner's --cache-mb.
         loader: builds a Llama from a ModelSpec (tests); default: from_pretrained or model_path.
         drop_step: a conversation too long for the context loses its oldest exchanges this many at a time
             (see trim_history), so that only one turn in `drop_step` re-reads the whole prompt.
@@ -137,7 +126,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_threads = n_threads or usable_cpus()
         self.max_message_chars = max_message_chars
-        self.cache_bytes = cache_bytes_from_env() if cache_bytes is None else max(0, cache_bytes)
+        self.cache_bytes = max(0, cache_bytes)
         self.drop_step = max(1, drop_step)
         self.seed = seed
         self.slots, self.prefill_chunk, self.max_queue = max(1, slots), max(1, prefill_chunk), max(0, max_queue)
@@ -165,7 +154,7 @@ class Engine:
 
     def _check_label(self, label) -> str:
         if not isinstance(label, str) or label not in self.catalog:
-            raise UserError(f"Unknown model '{_one_line(label, 80)}'; choose one of: {', '.join(self.labels)}")
+            raise UserError(f"Unknown model '{one_line(label, 80)}'; choose one of: {', '.join(self.labels)}")
         return label
 
     def capacity(self) -> int:
@@ -317,7 +306,7 @@ class Engine:
                 self._remember(key, tokens + job.generated, streamed)
         except Exception as error:
             log.exception("generation with %r failed", label)
-            reply.finish_reason, reply.error = "error", f"Generation failed on '{label}': {_one_line(error)}"
+            reply.finish_reason, reply.error = "error", f"Generation failed on '{label}': {one_line(error)}"
         if reply.error and not reply.error.startswith(("Generation failed", "Model ")):
             reply.error = f"Generation failed on '{label}': {reply.error}"
         reply.done, reply.status = True, None
@@ -364,7 +353,7 @@ class Engine:
         """
         started = time.perf_counter()
         if mode not in COMPARE_MODES:
-            error = f"Unknown compare mode '{_one_line(mode, 40)}'; choose one of: {', '.join(COMPARE_MODES)}"
+            error = f"Unknown compare mode '{one_line(mode, 40)}'; choose one of: {', '.join(COMPARE_MODES)}"
             yield _error_reply(error), _error_reply(error)
             return
         replies, requests = [], {}  # requests: side (0 = A, 1 = B) → its label, model, messages, sampling

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from space.replies import UserError, valid_unicode
+from common.cli import valid_unicode
+from space.replies import UserError
 
 __all__ = ["flatten_content", "prompt_text", "history_to_messages", "trim_history", "reusable_prefix"]
 

@@ -12,12 +12,9 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from space.replies import Sampling
-
-if TYPE_CHECKING:
-    from space.batching import Scheduler
 
 __all__ = ["Job", "Queued", "Started", "Piece", "Done", "common_prefix"]
 
@@ -85,6 +82,15 @@ class Utf8:
 
 
 # ---------------------------------------------------------------- a request
+class Scheduler(Protocol):
+    """What a job needs of the thread that decodes it (space.batching.Scheduler), named here so this module does
+    not import the one that imports it."""
+
+    def is_current_thread(self) -> bool: ...
+
+    def notify(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Job:
     """One answer: its prompt, settings and the events streamed back. `cancel` (or closing events()) ends it."""

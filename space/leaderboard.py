@@ -1,5 +1,5 @@
 """The Leaderboard tab's data: the votes (this Space's log, and the Hub vote dataset's files when one is configured)
-rated by compare.ratings, the headline figures of compare's report, and the fair pairs of blind compares.
+rated by space.ratings, the headline figures of compare's report, and the fair pairs of blind compares.
 
     sources = VoteSources(Path("votes/votes.jsonl"), hub_repo_id="alice/finetome-votes")
     board, note = sources.leaderboard()              # the Hub's files re-read at most once a minute
@@ -9,16 +9,16 @@ rated by compare.ratings, the headline figures of compare's report, and the fair
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from common.cli import first_line
-from compare.ratings import Leaderboard, leaderboard, parse_votes
-from compare.report import format_number, format_size
+from common.formats import format_number, format_size
+from space.ratings import Leaderboard, leaderboard, parse_votes
 from space.replies import UserError
+from space.round import fair_pair
 
 __all__ = ["HUB_FOLDER", "REPORT_FILE", "VoteSources", "fair_pair", "hub_vote_texts", "load_report",
            "report_caption", "report_file", "report_headlines"]
@@ -26,16 +26,6 @@ __all__ = ["HUB_FOLDER", "REPORT_FILE", "VoteSources", "fair_pair", "hub_vote_te
 HUB_FOLDER = "votes"  # where space.votes.VoteLog's CommitScheduler puts the vote files in the dataset
 HUB_EVERY_S = 60.0  # the scheduler pushes every 10 minutes: a minute-old copy of the Hub's files is fresh enough
 REPORT_FILE = "compare.json"  # what scripts/compare.py --out DIR writes (compare/report.py)
-
-
-def fair_pair(labels: Sequence[str], rng: random.Random | None = None) -> list[str]:
-    """Two different models for a blind compare, drawn as Chatbot Arena draws its anonymous battles: each unordered
-    pair equally often, either model on side A with even odds (random.sample draws an ordered pair uniformly).
-
-    >>> sorted(fair_pair(["1B", "3B"]))
-    ['1B', '3B']
-    """
-    return (rng or random).sample(list(labels), 2)
 
 
 def hub_vote_texts(client, repo_id: str) -> dict[str, str]:

@@ -24,11 +24,13 @@ import time
 import uuid
 from pathlib import Path
 
+from common.cli import UsageError, one_line
 from common.machine import limit_malloc_arenas, usable_cpus
 from space.batching import DEFAULT_SLOTS
 from space.catalog import ModelSpec
+from space.config import environment_setting
 from space.engine import Engine
-from space.replies import Sampling, _one_line
+from space.replies import Sampling
 
 __all__ = ["build_api", "batched_server_command", "main"]
 
@@ -101,7 +103,7 @@ def build_api(engine: Engine, alias: str, api_key: str | None = None):
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
         if body.get("model") not in (None, alias):
-            return _error(404, f"unknown model {_one_line(repr(body.get('model')), 60)}; this server has {alias!r}",
+            return _error(404, f"unknown model {one_line(repr(body.get('model')), 60)}; this server has {alias!r}",
                           "not_found_error")
         parsed = _request(body)
         if isinstance(parsed, str):
@@ -196,9 +198,14 @@ def main(argv=None) -> None:
     limit_malloc_arenas(2)
     model = Path(args.model)
     alias = args.alias or model.stem
-    # Saved conversation states as in the Space ($SPACE_CACHE_MB): clients resend whole conversations, and a slot
-    # or a state that spells their start serves it.
-    engine = Engine([ModelSpec(alias, path=str(model))], n_ctx=args.ctx, n_threads=args.threads, slots=args.slots)
+    # Saved conversation states as in the Space (SPACE_CACHE_MB, read by the Space's own rule): clients resend
+    # whole conversations, and a slot or a state that spells their start serves it.
+    try:
+        cache_bytes = environment_setting("cache_mb") * 2**20
+    except UsageError as error:
+        sys.exit(error.report())
+    engine = Engine([ModelSpec(alias, path=str(model))], n_ctx=args.ctx, n_threads=args.threads, slots=args.slots,
+                    cache_bytes=cache_bytes)
     engine.get(alias)  # load before listening: /v1/models answers only once the model is ready
     import uvicorn
 

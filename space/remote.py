@@ -21,8 +21,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
+from common.cli import one_line
 from space.catalog import ModelSpec
-from space.replies import Reply, Sampling, _one_line
+from space.replies import Reply, Sampling
 
 __all__ = ["RemoteModel", "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S"]
 
@@ -68,8 +69,8 @@ class RemoteModel:
             key = self.spec.api_key_env or "the entry's api_key_env"
             return f"{where} refused the API key (HTTP 401); set {key} to a key the server accepts."
         if isinstance(error, openai.APIStatusError):
-            return f"{where} answered HTTP {error.status_code}: {_one_line(error.message, 200)}"
-        return f"Generation failed on {where}: {_one_line(error, 200)}"
+            return f"{where} answered HTTP {error.status_code}: {one_line(error.message, 200)}"
+        return f"Generation failed on {where}: {one_line(error, 200)}"
 
     def stream(self, messages: list[dict], sampling: Sampling, cancel: threading.Event | None,
                started: float) -> Iterator[Reply]:
@@ -101,7 +102,7 @@ class RemoteModel:
                 if choice.finish_reason:
                     reply.finish_reason = choice.finish_reason
         except Exception as error:  # the openai client's errors, named for the user; the details go to the log
-            log.warning("remote model %r failed: %s", self.label, _one_line(error, 300))
+            log.warning("remote model %r failed: %s", self.label, one_line(error, 300))
             reply.finish_reason, reply.error = "error", self.describe_error(error)
         finally:
             if stream is not None:

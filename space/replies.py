@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from common.cli import one_line
+
 __all__ = [
-    "UserError", "Sampling", "Reply", "throttled", "valid_unicode",
+    "UserError", "Sampling", "Reply", "throttled",
     "TEMPERATURE_RANGE", "DEFAULT_TEMPERATURE", "TOP_P_RANGE", "DEFAULT_TOP_P",
     "MAX_NEW_TOKENS_RANGE", "DEFAULT_MAX_NEW_TOKENS",
 ]
@@ -30,34 +31,10 @@ DEFAULT_TOP_P = 0.9
 MAX_NEW_TOKENS_RANGE = (16, 1024)
 DEFAULT_MAX_NEW_TOKENS = 256
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class UserError(ValueError):
     """A one-line message to show the user as is (what is wrong, with which value, and the fix)."""
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """Text collapsed onto one line and cut to `limit` characters (for messages shown in the UI).
-
-    >>> _one_line("two\\n  lines")
-    'two lines'
-    >>> _one_line("x" * 10, limit=5)
-    'xxxx…'
-    >>> _one_line("half a pair: " + chr(0xD800))  # shown, and sent as JSON, as U+FFFD
-    'half a pair: �'
-    """
-    text = " ".join(valid_unicode(str(text)).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def valid_unicode(text: str) -> str:
-    """`text` with each lone surrogate (half of a UTF-16 pair, which no UTF-8 encoder takes) replaced by U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
 
 
 def _clamp(name: str, value, low: float, high: float, default: float) -> tuple[float, str | None]:
@@ -66,7 +43,7 @@ def _clamp(name: str, value, low: float, high: float, default: float) -> tuple[f
     if value is None:
         return default, None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return default, f"{name} must be a number from {low:g} to {high:g}, not {_one_line(repr(value), 40)}"
+        return default, f"{name} must be a number from {low:g} to {high:g}, not {one_line(repr(value), 40)}"
     try:
         number = float(value)
     except OverflowError:  # an int beyond float range: out of range, like any other too big number

@@ -6,7 +6,7 @@ compiled from, for the Space (or anything) to talk to over the OpenAI API.
     argv = llama_server_command(binary, "1b-Q4_K_M.gguf", port=8080, slots=4)
 
 llama-server gives each of `slots` conversations its own part of the context and decodes them together in one batch
-(continuous batching), taking llama.cpp's AMX safe path where common.llama chooses it (--no-repack, which turns off
+(continuous batching), taking llama.cpp's AMX safe path where common.llama_runtime chooses it (--no-repack, which turns off
 the extra buffer types). The no-compile server with the same batching is the Space's own engine behind the same API
 (space/openai_server.py).
 """
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from common.llama import LlamaSetupError
+from common.llama_runtime import LlamaSetupError
 from common.llama_tools import CMAKE_OPTIONS, build_llama_tools, safe_path_args, tools_dir
 from common.machine import usable_cpus
+from common.processes import ServerNotReady, wait_until_answers
 
 __all__ = ["build_llama_server", "llama_server_binary", "llama_server_command", "server_environment",
            "wait_until_ready", "CMAKE_OPTIONS"]
@@ -46,7 +44,7 @@ def build_llama_server(log: Callable[[str], None] = print, jobs: int | None = No
 def llama_server_command(binary: Path, model: Path, *, port: int, slots: int = 4, ctx_per_slot: int = 4096,
                          host: str = "127.0.0.1", alias: str | None = None, threads: int | None = None) -> list[str]:
     """llama-server's argv: `slots` conversations at once, each with `ctx_per_slot` tokens, the GGUF's own chat
-    template (--jinja), llama.cpp's AMX safe path where common.llama takes it.
+    template (--jinja), llama.cpp's AMX safe path where common.llama_runtime takes it.
 
     >>> llama_server_command(Path("llama-server"), Path("m.gguf"), port=8080, slots=2, ctx_per_slot=1024,
     ...                      threads=2)[:12]
@@ -74,18 +72,7 @@ def server_environment(engine: str, api_key_env: str | None) -> dict[str, str]:
 def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:
     """Poll `base_url`/models until the server answers (a 401 counts: it wants a key; a 503 does not: llama-server
     is still loading the model); LlamaSetupError when it exits or the time runs out."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base_url.rstrip('/')}/models", timeout=2):
-                return
-        except urllib.error.HTTPError as error:
-            if error.code != 503:
-                return
-        except OSError:
-            pass  # not listening yet
-        if process.poll() is not None:
-            raise LlamaSetupError(f"the server exited with status {process.returncode} before it was ready")
-        if time.time() > deadline:
-            raise LlamaSetupError(f"the server at {base_url} was not ready within {timeout:.0f} s")
-        time.sleep(0.3)
+    try:
+        wait_until_answers(f"{base_url.rstrip('/')}/models", process, timeout)
+    except ServerNotReady as error:
+        raise LlamaSetupError(str(error)) from None

@@ -17,8 +17,9 @@ import logging
 import threading
 from contextlib import contextmanager
 
+from common.cli import one_line, valid_unicode
 from space.history import prompt_text
-from space.replies import UserError, _one_line, valid_unicode
+from space.replies import UserError
 
 __all__ = ["Stops", "flag", "shown_message", "rejected"]
 
@@ -27,7 +28,7 @@ log = logging.getLogger("space.requests")
 
 def rejected(endpoint: str, problem: str) -> None:
     """The one log line of a request answered with `problem` instead of an answer (no traceback: ours are bugs)."""
-    log.info("rejected %s: %s", endpoint, _one_line(problem, 200))
+    log.info("rejected %s: %s", endpoint, one_line(problem, 200))
 
 
 def flag(value, name: str) -> bool:
@@ -41,7 +42,7 @@ def flag(value, name: str) -> bool:
     """
     if value is None or isinstance(value, bool):
         return bool(value)
-    raise UserError(f"{name} must be true or false, not {_one_line(repr(value), 40)}.")
+    raise UserError(f"{name} must be true or false, not {one_line(repr(value), 40)}.")
 
 
 def shown_message(message) -> str:

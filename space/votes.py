@@ -13,37 +13,11 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from space.replies import UserError, _one_line
+from common.cli import one_line
+from space.replies import UserError
+from space.round import VOTES
 
-__all__ = ["VOTES", "VoteLog", "unique_vote_file", "vote_problem"]
-
-VOTES = ("A", "B", "tie", "both bad")  # the choices a vote may be, in the order the Compare tab shows them
-
-
-def vote_problem(state: dict | None) -> str | None:
-    """Why the Compare tab's `state` cannot be voted on, in one line; None when it can.
-
-    A vote means something only for a finished compare of two different models whose both answers are real
-    answers: not a compare still streaming or stopped (cut answers), not one where either side is an error message
-    or empty, not a model against itself (those would skew the leaderboard and store error texts as answers).
-
-    >>> vote_problem({"models": ["1B", "3B"], "answers": ["Hi", "Hello"], "finished": True, "errors": [False, False]})
-    >>> vote_problem({"models": ["1B", "1B"], "answers": ["Hi", "Hello"], "finished": True, "errors": [False, False]})
-    'Both sides were 1B: a vote needs two different models; pick another Model B and compare again.'
-    """
-    if not state or not state.get("models"):
-        return "Compare two answers first, then vote."
-    model_a, model_b = state["models"]
-    if model_a == model_b:
-        return f"Both sides were {model_a}: a vote needs two different models; pick another Model B and compare again."
-    if state.get("stopped"):
-        return "The answers were stopped before their end: compare again to vote."
-    if not state.get("finished"):
-        return "The answers are still being written: vote when both have finished."
-    for side, answer, error in zip("AB", state.get("answers", ("", "")), state.get("errors", (True, True))):
-        if error or not str(answer).strip():
-            return f"Answer {side} is {'an error' if error else 'empty'}, so there is nothing to judge: compare again."
-    return None
+__all__ = ["VOTES", "VoteLog", "unique_vote_file"]
 
 
 def unique_vote_file(folder: Path) -> Path:
@@ -91,9 +65,9 @@ class VoteLog:
         """Append one vote and return it; UserError for a vote other than A, B, tie, both bad, or for a model
         against itself."""
         if not isinstance(vote, str) or vote not in VOTES:
-            raise UserError(f"Unknown vote '{_one_line(vote, 40)}'; choose one of: {', '.join(VOTES)}")
+            raise UserError(f"Unknown vote '{one_line(vote, 40)}'; choose one of: {', '.join(VOTES)}")
         if model_a == model_b:
-            raise UserError(f"Both sides were {_one_line(model_a, 60)}: a vote needs two different models.")
+            raise UserError(f"Both sides were {one_line(model_a, 60)}: a vote needs two different models.")
         entry = dict(timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), model_a=model_a,
                      model_b=model_b, vote=vote, prompt=prompt, answer_a=answer_a, answer_b=answer_b,
                      blind=bool(blind))

@@ -7,14 +7,14 @@ import functools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from common.processes import free_port, wait_until_answers
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "train" / "data" / "finetome_sample.jsonl"
@@ -76,12 +76,12 @@ def find_python312() -> str | None:
 def llama_source_archive() -> Path:
     """llama-cpp-python's source archive, kept (test-artifacts/downloads/) or fetched now; the tests that convert or
     build llama.cpp skip, saying why, when it is neither kept nor fetchable."""
-    from common.llama import LlamaSetupError
+    from common.llama_runtime import LlamaSetupError
     from common.llama_source import source_archive
 
     try:
         return source_archive(log=lambda *_: None)
-    except LlamaSetupError as error:
+    except LlamaSetupError:
         if problem := package_index_problem():
             pytest.skip(f"needs llama-cpp-python's source archive, not yet kept in "
                         f"{os.environ['FINETOME_DOWNLOADS']}, and {problem}")
@@ -139,7 +139,7 @@ def exported(trained_adapter, llama_source_archive, tmp_path_factory):
 def llama_tools(llama_source_archive) -> Path:
     """The folder of llama.cpp's built tools (one CMake build, kept in test-artifacts/ across sessions); the tests
     that need them skip, saying why, where cmake or a C++ compiler is missing."""
-    from common.llama import LlamaSetupError
+    from common.llama_runtime import LlamaSetupError
     from common.llama_tools import build_llama_tools
 
     try:
@@ -166,12 +166,6 @@ def tiny_gguf(exported) -> Path:
     return exported[0] / f"{TINY_GGUF_NAME}-Q4_K_M.gguf"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server(tiny_gguf, tmp_path_factory):
     """`python space/app.py --model A --model B` as a user starts it; yields (url, vote log path)."""
@@ -189,21 +183,13 @@ def server(tiny_gguf, tmp_path_factory):
          "--stream-interval", "0"],  # every token streamed: the tests count updates; the tiny model is fast
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Space did not start within 2 minutes"
-            time.sleep(0.5)
+    wait_until_answers(url, process, timeout=120, log=folder / "server.log")
     yield url, votes
     process.terminate()
     process.wait(timeout=30)
 
 
-# The fast lane (`pytest -m "not slow"`: `make test-fast`, and the tests `make upgrade-check` runs against the newest
+# The fast lane (`pytest -m "not slow"`: `make check`, and the tests `make upgrade-check` runs against the newest
 # versions the requirements allow) leaves out the end-to-end runs that take minutes each on 2 cores (--durations,
 # 2026-12-06: the demo 373 s, the build of llama.cpp's tools 527 s on first use, the notebook 162 s, the export's
 # kill-and-redo runs 40-130 s, the Colab install dry run 36 s, the Hugging Face-style Space build 11 min on first use;
@@ -212,6 +198,7 @@ def server(tiny_gguf, tmp_path_factory):
 SLOW_MODULES = {"test_demo.py", "test_notebook.py", "test_export.py", "test_train_resume.py", "test_space_browser.py",
                 "test_dpo.py"}
 SLOW_FIXTURES = {"dry_runs", "llama_server", "llama_tools"}
+NETWORK_FIXTURES = {"package_index", "dry_runs"}  # `-m network` selects them (pytest.ini); each skips without it
 SLOW_TESTS = {
     "tests/test_deploy.py::test_the_uploaded_tree_installs_and_chats_as_hugging_face_builds_it",
     "tests/test_remote.py::test_a_browser_chats_with_the_server_model",
@@ -221,6 +208,8 @@ SLOW_TESTS = {
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.network)
         if (item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or item.nodeid.split("[")[0] in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)

@@ -74,7 +74,7 @@ def test_both_backends_are_registered():
 
 
 def test_importing_every_training_module_never_imports_unsloth():
-    code = ("import sys, train.config, train.data, train.tiny, train.checkpoints, train.backends, train.trainer, "
+    code = ("import sys, train.config, train.conversations, train.tiny, train.checkpoints, train.backends, train.trainer, "
             "train.cli; import trl, peft; assert 'unsloth' not in sys.modules, 'unsloth imported'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

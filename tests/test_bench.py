@@ -140,7 +140,7 @@ def test_finetome_shaped_rows_have_the_schema_and_the_mean_size():
     import json
 
     from bench.startup import finetome_shaped_lines
-    from train.data import standardize_row
+    from train.conversations import standardize_row
 
     lines = list(finetome_shaped_lines(count=400, mean_bytes=2490))
     mean = sum(len(line.encode()) + 1 for line in lines) / len(lines)
@@ -249,7 +249,7 @@ def test_end_of_generation_is_suppressed_so_an_answer_runs_to_the_tokens_asked(t
     down, as a random model's weights sometimes put end-of-turn first). One logit_bias carries both: llama-cpp-python
     0.3.36 drops its logits_processor list when logit_bias is also given (`list.extend` returns None)."""
     from bench.rates import eog_logit_bias
-    from common.llama import open_gguf
+    from common.llama_runtime import open_gguf
     from common.llama3 import END_OF_MESSAGE_ID, END_OF_TEXT_ID, EOT_ID
 
     llm = open_gguf(str(tiny_gguf), n_ctx=512)

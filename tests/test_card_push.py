@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub.utils import filter_repo_objects
 
 from hub_recorder import RecordingClient, hub_error
-from export import hub
+from common import hub
 from export.card import TAGS, render_model_card
 from export.errors import ExportError
 from export.hub import NO_TOKEN, merged_repo_id_for, push_export, resolve_token, validate_repo_id

@@ -2,6 +2,7 @@
 CLI on the tiny model's q4_k_m and q8_0 GGUFs, the Hub boundary (offline, 404, glob), and every user mistake (exit 2,
 one line each, nothing written). The package's doctests run with pytest's (pytest.ini's testpaths)."""
 
+import dataclasses
 import json
 import math
 
@@ -10,14 +11,16 @@ import pytest
 from llama_cpp import Llama
 
 import compare.cli
+from common.cli import UsageError, field_default
+from compare.config import CompareConfig, build_parser, config_from_args
 from compare.heldout import GgufChatTemplate, conversation_tokens, load_heldout
 from compare.prompts import DEFAULT_PROMPTS, Prompt, generate_answers, load_prompts
 from conftest import REPO, TINY_GGUF_NAME, run_cli
 from hub_recorder import hub_error
 from space.catalog import catalog_from_paths
-from space.engine import Engine
+from space.engine import DEFAULT_N_CTX, Engine
 from space.replies import Sampling
-from train.data import IGNORE_INDEX, prepare, read_rows, tokenize_conversation
+from train.conversations import IGNORE_INDEX, prepare, tokenize_conversation
 
 EOT_ID = 128009
 PROMPTS = [  # one plain prompt, and one with a system prompt and an earlier exchange
@@ -45,7 +48,7 @@ EXTRA_CONVERSATIONS = [
 
 
 def test_assistant_mask_matches_training_labels(tiny_gguf, tokenizer):
-    """The GGUF's tokens and mask equal train/data.py's input_ids and labels (the HF tokenizer's offsets) for every
+    """The GGUF's tokens and mask equal train/conversations.py's input_ids and labels (the HF tokenizer's offsets) for every
     default held-out conversation, plus system prompts, several turns, non-ASCII text and whitespace edges."""
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, cache_bytes=0)
     label = engine.labels[0]
@@ -274,3 +277,52 @@ def test_all_mistakes_at_once_from_the_command_line(inputs, tmp_path):
                      "--heldout", "--max-tokens 4"):
         assert sum(fragment in line for line in lines) == 1, fragment
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+# ---------------------------------------------------------------------- the settings (compare/config.py)
+def test_the_flags_are_built_from_the_config_fields(inputs, tmp_path):
+    """One flag per CompareConfig field, its default and help the field's; the CLI and a test build the same object."""
+    flags = {action.dest: action for action in build_parser()._actions if action.dest != "help"}
+    settings = [field for field in dataclasses.fields(CompareConfig) if field.init]
+    assert sorted(flags) == sorted(field.name for field in settings)
+    for field in settings:
+        assert flags[field.name].default == field_default(field), field.name
+        assert flags[field.name].help.startswith(field.metadata["help"].split("{default}")[0]), field.name
+    space = Sampling()
+    assert f"(default: the Space's {space.temperature})" in flags["temperature"].help
+    assert f"(default: {space.max_new_tokens})" in flags["max_tokens"].help
+    assert f"(default: {DEFAULT_N_CTX}); longer" in flags["n_ctx"].help
+
+    model, out = f"ok={inputs['gguf']}", str(tmp_path / "report")
+    config = config_from_args(["--model", model, "--out", out])
+    assert config == CompareConfig(model=[model], out=out)
+    assert (config.max_tokens, config.temperature, config.top_p, config.n_ctx) == (
+        space.max_new_tokens, space.temperature, space.top_p, DEFAULT_N_CTX)
+    assert [spec.label for spec in config.models] == ["ok"] and config.prompt_list
+    assert config.prompts_file == str(DEFAULT_PROMPTS.relative_to(REPO)) and config.heldout_set.conversations
+    assert len(CompareConfig(model=[model], out=out, max_conversations=1).heldout_set.conversations) == 1
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_config_reports_every_problem_at_once(inputs):
+    with pytest.raises(UsageError) as caught:
+        CompareConfig(model=[], prompts=str(inputs["empty"]), max_tokens=8, temperature=3, seed=0, n_ctx=8,
+                      max_conversations=0, out=str(inputs["out_file"]))
+    problems = caught.value.problems
+    starts = ["--model: give at least one model", f"--prompts {str(inputs['empty'])!r}: ", "--max-tokens 8: ",
+              "--temperature 3: ", "--seed 0: ", "--n-ctx 8: must be at least twice --max-tokens (16)",
+              "--max-conversations 0: ", f"--out {str(inputs['out_file'])!r}: exists and is not a folder"]
+    assert len(problems) == len(starts) and all(problem.startswith(start) for problem, start in zip(problems, starts)), \
+        problems
+
+
+def test_values_of_the_wrong_type_are_problems_not_crashes(inputs):
+    with pytest.raises(UsageError) as caught:
+        CompareConfig(model=f"ok={inputs['gguf']}", max_tokens="many", top_p=None, seed=1.5, n_ctx="big", out=3)
+    assert caught.value.problems == [
+        "--max-tokens many: must be between 16 and 1024 (the Space's range)",
+        "--top-p None: must be between 0.05 and 1 (the Space's range)",
+        "--seed 1.5: must be between 1 and 2147483647 (llama-cpp-python treats 0 as 'unset')",
+        "--n-ctx 'big': must be a whole number, at least twice --max-tokens",
+        "--out 3: give a folder path",
+    ]

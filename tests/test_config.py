@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from common.cli import UsageError
-from train.config import TrainConfig, available_presets, config_from_args, load_preset
+from train.config import TrainConfig, available_presets, config_from_args, load_preset, resolve_local_path
 
 
 def test_defaults_follow_unsloths_llama_3_2_recipe():
@@ -33,7 +33,7 @@ def test_presets_name_the_right_models():
     assert config_from_args(["--preset", "1b"]).model_name == "unsloth/Llama-3.2-1B-Instruct"
     assert config_from_args(["--preset", "3b"]).model_name == "unsloth/Llama-3.2-3B-Instruct"
     tiny = config_from_args(["--preset", "tiny"])
-    assert tiny.model_name == "builtin:tiny-llama-3.2" and tiny.is_local_dataset
+    assert tiny.model_name == "builtin:tiny-llama-3.2" and resolve_local_path(tiny.dataset).is_file()
 
 
 def test_layering_preset_then_config_file_then_flags(tmp_path):

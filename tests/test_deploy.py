@@ -1,7 +1,8 @@
-"""scripts/deploy_space.py (its logic: space/deploy.py), offline: the dry-run tree is checked file by file, and a real
-run goes to a recording client that checks every call against HfApi's own signature, so what is asserted here is what
-the Hub would receive."""
+"""scripts/deploy_space.py (its logic: the package deploy/), offline: the dry-run tree is checked file by file, and a
+real run goes to a recording client that checks every call against HfApi's own signature, so what is asserted here is
+what the Hub would receive."""
 
+import ast
 import hashlib
 import importlib.metadata
 import json
@@ -16,7 +17,8 @@ import httpx
 import pytest
 import yaml
 
-import space.deploy
+import deploy.cli
+import deploy.tree
 from hub_recorder import RecordingClient, hub_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +48,6 @@ FAKE_SPACE_KEPT = {
 FAKE_SPACE_LEFT_OUT = {
     "__pycache__/engine.cpython-311.pyc": "bytecode",
     "static/__pycache__/x.cpython-311.pyc": "bytecode",
-    "README_space.md": "a stray template",
-    "deploy.py": "the deploy's own code",
     "votes/votes.jsonl": '{"vote": "A"}\n',
     "votes.jsonl": '{"vote": "B"}\n',
     ".gradio/certificate.pem": "cache",
@@ -59,19 +59,19 @@ FAKE_SPACE_LEFT_OUT = {
 
 @pytest.fixture
 def deploy_space():
-    """The deploy's module (scripts/deploy_space.py is its entry point); tests monkeypatch its SPACE_DIR etc."""
-    return space.deploy
+    """The deploy's command (scripts/deploy_space.py is its entry point): its main, and the token it reads."""
+    return deploy.cli
 
 
 @pytest.fixture
-def fake_space(tmp_path, deploy_space, monkeypatch):
+def fake_space(tmp_path, monkeypatch):
     """A space/ folder of the test's own, with kept and left-out files, used in place of the repo's."""
     folder = tmp_path / "space-src"
     for name, text in {**FAKE_SPACE_KEPT, **FAKE_SPACE_LEFT_OUT}.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    monkeypatch.setattr(deploy_space, "SPACE_DIR", folder)
+    monkeypatch.setattr(deploy.tree, "SPACE_DIR", folder)
     return folder
 
 
@@ -125,16 +125,14 @@ def test_dry_run_writes_exactly_the_space_tree(deploy_space, fake_space, tmp_pat
     output = capsys.readouterr().out
     for name in ["votes/votes.jsonl", "Tiny-Q4_K_M.gguf", "flagged/log.csv", ".gradio/certificate.pem"]:
         assert f"left out: space/{name}" in output  # what is skipped is said, not silently dropped
-    assert "README_space.md" not in output and "__pycache__" not in output  # expected every time: not said
-    assert "deploy.py" not in output  # the deploy's own code, also left out every time
+    assert "__pycache__" not in output  # expected every time: not said
     assert "nothing was uploaded" in output
 
 
 def _base_package() -> set[str]:
-    """common/, the base package the app imports, as the Space gets it beside space/ (sources only), and the modules
-    of compare/ that its Leaderboard imports (the ratings, and the report's number formats)."""
+    """common/, the base package the app imports, as the Space gets it beside space/ (sources only)."""
     return {path.relative_to(REPO).as_posix() for path in (REPO / "common").rglob("*.py")
-            if "__pycache__" not in path.parts} | {"compare/__init__.py", "compare/ratings.py", "compare/report.py"}
+            if "__pycache__" not in path.parts}
 
 
 def _listing_of_space() -> set[str]:
@@ -146,8 +144,7 @@ def _listing_of_space() -> set[str]:
         if not path.is_file() or any(part.startswith(".") or part in ("__pycache__", "votes", "flagged")
                                      for part in relative.parts):
             continue
-        if relative.suffix in (".pyc", ".jsonl", ".log", ".gguf", ".tmp") or relative.as_posix() in (
-                "README_space.md", "deploy.py", "deploy_card.py", "deploy_hub.py"):
+        if relative.suffix in (".pyc", ".jsonl", ".log", ".gguf", ".tmp"):
             continue
         names.add(path.relative_to(REPO).as_posix())
     return names
@@ -179,6 +176,24 @@ def test_dry_run_of_the_real_space_folder_is_a_valid_space(deploy_space, tmp_pat
     started = subprocess.run([sys.executable, "space/app.py", "--help"], cwd=out, env=env, capture_output=True,
                              text=True, timeout=300)
     assert started.returncode == 0 and "--model" in started.stdout, started.stderr[-2000:]
+
+
+def test_the_uploaded_packages_import_only_each_other():
+    """The Space gets space/ and common/ and nothing else of the project: neither may import another package of it
+    (deploy/, export/, compare/, ...), or the app would fail on the Space at that import."""
+    others = {path.name for path in REPO.iterdir() if (path / "__init__.py").is_file()} - {"space", "common"}
+    assert {"deploy", "export", "compare"} <= others
+    offences = []
+    for path in sorted([*REAL_SPACE.rglob("*.py"), *(REPO / "common").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules = [node.module or ""]
+            else:
+                continue
+            offences += [f"{path.relative_to(REPO)}: {module}" for module in modules if module.split(".")[0] in others]
+    assert offences == []
 
 
 def test_card_front_matter_is_what_the_hub_reads(deploy_space, fake_space, tmp_path):
@@ -260,7 +275,7 @@ def test_dry_run_replaces_its_own_folder_and_refuses_any_other(deploy_space, fak
 
 def test_dry_run_needs_no_token(deploy_space, fake_space, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(deploy_space, "resolve_token", lambda: pytest.fail("a dry run asked for the token"))
+    monkeypatch.setattr(deploy_space, "resolve_token", lambda **_: pytest.fail("a dry run asked for the token"))
     assert dry_run(deploy_space, tmp_path / "out") == 0
 
 
@@ -578,7 +593,7 @@ def test_sdk_version_is_the_pin_whatever_gradio_is_installed(deploy_space, fake_
 def test_an_unpinned_gradio_is_one_line(deploy_space, fake_space, tmp_path, monkeypatch, capsys):
     requirements = tmp_path / "requirements-space.txt"
     requirements.write_text("gradio>=5\nllama-cpp-python==0.3.36\n")
-    monkeypatch.setattr(deploy_space, "REQUIREMENTS", requirements)
+    monkeypatch.setattr(deploy.tree, "REQUIREMENTS", requirements)
     assert dry_run(deploy_space, tmp_path / "out") == 2
     assert capsys.readouterr().err == ("error: requirements-space.txt: pin gradio (gradio==X.Y.Z) so the Space "
                                        "installs what its card says\n")
@@ -588,7 +603,7 @@ def test_a_lock_behind_its_requirements_stops_the_deploy(deploy_space, fake_spac
     """The Space installs the lock, not requirements-space.txt: a pin the lock does not have would ship another tree."""
     requirements = tmp_path / "requirements-space.txt"
     requirements.write_text("gradio==6.31.0\nllama-cpp-python==0.3.36\nopenai==9.9.9\n")
-    monkeypatch.setattr(deploy_space, "REQUIREMENTS", requirements)
+    monkeypatch.setattr(deploy.tree, "REQUIREMENTS", requirements)
     assert dry_run(deploy_space, tmp_path / "out") == 2
     assert capsys.readouterr().err == ("error: requirements-space.txt pins openai==9.9.9 but requirements-space.lock "
                                        "has openai==3.57.0: run `make lock` and commit the result\n")
@@ -619,7 +634,7 @@ def test_help_runs_from_anywhere(tmp_path):
 
 def test_template_placeholders_must_all_be_known_and_used():
     from common.cli import UsageError
-    from space.deploy_card import fill_template
+    from deploy.card import fill_template
 
     with pytest.raises(UsageError, match="placeholders typo have no value and report are not used"):
         fill_template("# {{title}}\n{{typo}}\n", {"title": "t", "report": "r"})
@@ -635,7 +650,7 @@ def test_requirements_space_is_pinned_and_commented():
 
 def test_a_server_joins_the_catalog_and_its_key_stays_a_secrets_name(tmp_path):
     from common.cli import UsageError
-    from space.deploy import config_from_args
+    from deploy.config import config_from_args
 
     config = config_from_args(["--space-id", SPACE_ID, "--model-3b", "alice/m3-GGUF", "--server",
                                "1B (llama-server)=http://10.0.0.5:8080/v1#llama-1b", "--server-key-env", "LLAMA_KEY"])

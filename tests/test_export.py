@@ -38,7 +38,7 @@ def test_export_writes_verified_q4_k_m_and_q8_0(exported):
     assert q4.stat().st_size < q8.stat().st_size
     assert "verify:" in result.stdout and str(q4) in result.stdout
     # Which llama.cpp path every GGUF was decoded with, and why: said once, and kept in the report.
-    from common.llama import extra_buffers
+    from common.llama_runtime import extra_buffers
 
     assert result.stdout.count("runtime: llama.cpp ") == 1
     assert f"runtime: {extra_buffers().describe()}" in result.stdout
@@ -46,7 +46,7 @@ def test_export_writes_verified_q4_k_m_and_q8_0(exported):
 
 
 def test_gguf_is_llama_3_and_chats_in_llama_cpp_python(exported):
-    from common.llama import open_gguf
+    from common.llama_runtime import open_gguf
 
     out, _ = exported
     llm = open_gguf(out / f"{NAME}-Q4_K_M.gguf", n_ctx=512)

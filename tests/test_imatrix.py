@@ -66,9 +66,10 @@ def test_imatrix_usage_errors(tmp_path, args, fragment):
 # ---------------------------------------------------------------------- calibration text
 def test_calibration_text_is_the_training_split_in_the_training_template(tokenizer):
     from export.imatrix import calibration_conversations, calibration_text
-    from train.data import prepare, render
+    from train.conversations import prepare, render
+    from train.summary import RunSummary
 
-    run = {"config": {"dataset": str(SAMPLE), "seed": 3407, "eval_samples": 10}}
+    run = RunSummary({"config": {"dataset": str(SAMPLE), "seed": 3407, "eval_samples": 10}})
     text, counted = calibration_text(calibration_conversations(run), tokenizer, max_tokens=10**9)
     prepared = prepare(SAMPLE, seed=3407, eval_samples=10)
     assert counted["conversations"] == len(prepared.train_rows) == 120 and not counted["repeated"]
@@ -84,8 +85,9 @@ def test_calibration_text_is_the_training_split_in_the_training_template(tokeniz
 
 def test_a_small_training_set_is_cycled_to_two_chunks(tokenizer):
     from export.imatrix import calibration_conversations, calibration_text
+    from train.summary import RunSummary
 
-    run = {"config": {"dataset": "train/data/taught.jsonl", "seed": 3407, "eval_samples": 0}}
+    run = RunSummary({"config": {"dataset": "train/data/taught.jsonl", "seed": 3407, "eval_samples": 0}})
     text, counted = calibration_text(calibration_conversations(run), tokenizer, max_tokens=4096)
     assert counted["conversations"] == 5 and counted["repeated"] and counted["tokens"] >= 1024
 
@@ -93,14 +95,18 @@ def test_a_small_training_set_is_cycled_to_two_chunks(tokenizer):
 def test_imatrix_needs_the_runs_data_or_a_file():
     from export.errors import ExportError
     from export.imatrix import calibration_conversations
+    from train.summary import RunSummary
 
     with pytest.raises(ExportError, match="needs the training run's run.json .* pass --imatrix FILE"):
         list(calibration_conversations(None))
+    # A run.json without the split's seed: guessing one could calibrate on the held-out conversations.
+    with pytest.raises(ExportError, match=r"run.json with its data split \(dataset, seed, eval_samples\)"):
+        list(calibration_conversations(RunSummary({"config": {"dataset": str(SAMPLE), "eval_samples": 10}})))
 
 
 # ---------------------------------------------------------------------- the export, end to end
 def test_export_with_imatrix_writes_a_verified_imatrix_q4_k_m(exported_imatrix):
-    from common.llama import open_gguf
+    from common.llama_runtime import open_gguf
     from common.files import sha256_file
     from export.imatrix import imatrix_problem, read_imatrix
 
@@ -155,7 +161,7 @@ def test_imatrix_rerun_is_idempotent_and_the_matrix_is_pushed(exported_imatrix, 
 def test_a_given_imatrix_file_is_used_and_a_static_rerun_requantizes(exported_imatrix, trained_adapter, tmp_path):
     import shutil
 
-    from common.llama import open_gguf
+    from common.llama_runtime import open_gguf
 
     out = tmp_path / "copy"
     shutil.copytree(exported_imatrix[0], out)

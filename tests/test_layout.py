@@ -1,6 +1,7 @@
-"""The layout's rules (docs/architecture.md), checked on the code itself: common/ imports no stage, no package
-imports another's private name, no file outside tests grows past ~450 lines, the only sys.path edits are the entry
-scripts' one line, and no module beside an entry script shadows a library of the same name."""
+"""The layout's rules (docs/architecture.md), checked on the code itself: common/ imports no stage, every import
+points down the floors, no two files or packages import each other (through others either), no package imports
+another's private name, no file outside tests grows past ~450 lines, the only sys.path edits are the entry scripts'
+one line, and no module beside an entry script shadows a library of the same name."""
 
 import ast
 import importlib.util
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "train", "export", "space", "compare", "bench")
-STAGES = ("train", "export", "space", "compare", "bench")
+PACKAGES = ("common", "train", "export", "space", "deploy", "compare", "bench")
+STAGES = ("train", "export", "space", "deploy", "compare", "bench")
 ENTRY_SCRIPTS = {"train/run.py", "export/to_gguf.py", "space/app.py", *(
     path.relative_to(REPO).as_posix() for path in (REPO / "scripts").glob("*.py"))}
 MAX_LINES = 450
@@ -108,3 +109,103 @@ def test_no_module_beside_an_entry_script_shadows_a_library(folder):
         if spec is not None and spec.origin and not Path(spec.origin).is_relative_to(REPO):
             shadowing.append(f"{folder}/{path.name} ({spec.origin})")
     assert shadowing == []
+
+
+# ------------------------------------------------------------------ the import graph
+# A package's floor (docs/architecture.md): every import, lazy ones inside functions included, points to the same
+# floor or a lower one, so the tree reads bottom up as the pipeline; packages on one floor do not import each other.
+FLOORS = {"common": 0, "train": 1, "export": 2, "space": 3, "compare": 4, "deploy": 4, "bench": 4, "scripts": 5}
+
+
+def module_file(module: str) -> Path | None:
+    """The project's file a dotted module name is (a module, or a package's __init__.py); None outside the project."""
+    path = REPO.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def file_edges() -> dict[Path, set[Path]]:
+    """Each project file → the project files it imports (`from package import module` counts as the module)."""
+    edges = {}
+    for path in sources():
+        targets = set()
+        for module, names in imports(path):
+            named = [module_file(f"{module}.{name}") for name in names]
+            targets |= {target for target in named if target} or ({module_file(module)} - {None})
+            if any(target is None for target in named):  # names defined in the module itself
+                targets |= {module_file(module)} - {None}
+        edges[path] = targets - {path}
+    return edges
+
+
+def test_every_import_points_down_or_across_its_own_package():
+    offences = []
+    for path, targets in file_edges().items():
+        own = path.relative_to(REPO).parts[0]
+        for target in targets:
+            other = target.relative_to(REPO).parts[0]
+            if other != own and FLOORS[other] >= FLOORS[own]:
+                offences.append(f"{path.relative_to(REPO)} (floor {FLOORS[own]}) imports "
+                                f"{target.relative_to(REPO)} (floor {FLOORS[other]})")
+    assert offences == []
+
+
+def cycles(edges: dict) -> list[list]:
+    """The graph's strongly connected components of more than one node (Tarjan's algorithm, iteratively).
+
+    >>> cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}})
+    [['a', 'b']]
+    >>> cycles({"a": {"b"}, "b": set()})
+    []
+    """
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges.get(root, ()), key=str)))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ()), key=str))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component, key=str))
+    return found
+
+
+def test_no_two_files_import_each_other_even_through_others():
+    found = cycles(file_edges())
+    assert [[path.relative_to(REPO).as_posix() for path in cycle] for cycle in found] == []
+
+
+def test_no_two_packages_import_each_other():
+    edges = {}
+    for path, targets in file_edges().items():
+        edges.setdefault(path.relative_to(REPO).parts[0], set()).update(
+            target.relative_to(REPO).parts[0] for target in targets)
+    assert cycles({package: targets - {package} for package, targets in edges.items()}) == []

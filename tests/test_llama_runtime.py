@@ -1,4 +1,4 @@
-"""common/llama.py, the one place GGUFs are opened: the AMX detection and the override, table-driven on the system
+"""common/llama_runtime.py, the one place GGUFs are opened: the AMX detection and the override, table-driven on the system
 info of real CPUs; the safe path forced on this machine (whatever its CPU) with a real decode through the Space's
 engine; the setting reaching llama.cpp itself; and no other place in the project constructing a Llama."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from common import llama as runtime
-from common.llama import (EXTRA_BUFFERS_ENV, LlamaSetupError, choose_extra_buffers, open_gguf,
+from common import llama_runtime as runtime
+from common.llama_runtime import (EXTRA_BUFFERS_ENV, LlamaSetupError, choose_extra_buffers, open_gguf,
                           parse_system_info)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_both_paths_give_the_same_greedy_tokens(tiny_gguf, monkeypatch):
 
 LOAD_AND_PRINT = """
 import sys
-from common.llama import open_gguf
+from common.llama_runtime import open_gguf
 llm = open_gguf(sys.argv[1], n_ctx=256, verbose=True)  # the buffer lines come with the load; no decode (AMX: crash)
 """
 
@@ -160,9 +160,9 @@ def test_nothing_else_constructs_a_llama():
     sources = [path for folder in ("common", "train", "export", "space", "scripts", "tests")
                for path in (REPO / folder).rglob("*.py")]
     assert len(sources) > 30
-    constructions = [found for path in sources if path != REPO / "common" / "llama.py" for found in _constructions(path)]
+    constructions = [found for path in sources if path != REPO / "common" / "llama_runtime.py" for found in _constructions(path)]
     assert constructions == []
-    assert len(_constructions(REPO / "common" / "llama.py")) == 2  # open_gguf and open_gguf_from_hub
+    assert len(_constructions(REPO / "common" / "llama_runtime.py")) == 2  # open_gguf and open_gguf_from_hub
 
 
 def test_the_space_and_the_export_reject_a_bad_setting_in_one_line(tiny_gguf, trained_adapter, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from common import llama_source
 from common.files import sha256_file
-from common.llama import LlamaSetupError
+from common.llama_runtime import LlamaSetupError
 from common.llama_source import HASHED_LOCK, locked_sha256, llama_cpp_version, source_archive
 
 # pip pointed at a closed port, asked once, quickly: any attempt to go online fails at once.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.locks import read_pins, requirement_lines, staleness
+from common.locks import read_pins, staleness
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "lock.py"

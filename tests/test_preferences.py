@@ -81,7 +81,7 @@ def test_bad_rows_are_one_line_each_naming_file_line_and_problem(tmp_path):
 
 
 def test_nothing_usable_is_one_clear_error(tmp_path):
-    from train.data import DataError
+    from train.conversations import DataError
 
     votes = tmp_path / "votes.jsonl"
     VoteLog(votes).record("1B", "3B", "tie", "Hi", "Hello!", "Hey!", blind=True)

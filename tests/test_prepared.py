@@ -9,7 +9,7 @@ import pytest
 from conftest import SAMPLE
 
 from train.config import TrainConfig
-from train.data import prepare, tokenize_conversation
+from train.conversations import prepare, tokenize_conversation
 from train.prepared import PreparedStore, train_rows_needed
 
 

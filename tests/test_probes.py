@@ -6,6 +6,7 @@ import pytest
 
 from export.probes import (HELDOUT_PROMPTS, TAUGHT_DATASET, Probe, compare_answers, first_divergence, probe_set,
                            read_taught)
+from train.summary import RunSummary
 
 
 @pytest.mark.parametrize("reference,candidate,expected", [
@@ -21,8 +22,8 @@ def test_first_divergence(reference, candidate, expected):
 def test_the_taught_set_is_used_only_for_a_run_trained_on_it():
     taught = read_taught(TAUGHT_DATASET)
     assert len(taught) == 5 and all(p.prompt and p.expected for p in taught)
-    assert probe_set({"config": {"dataset": "train/data/taught.jsonl"}}, 8) == ("taught", taught)
-    mode, held_out = probe_set({"config": {"dataset": "mlabonne/FineTome-100k"}}, 3)
+    assert probe_set(RunSummary({"config": {"dataset": "train/data/taught.jsonl"}}), 8) == ("taught", taught)
+    mode, held_out = probe_set(RunSummary({"config": {"dataset": "mlabonne/FineTome-100k"}}), 3)
     assert mode == "held-out" and [p.prompt for p in held_out] == HELDOUT_PROMPTS[:3]
     assert all(p.expected is None for p in held_out)
     assert probe_set(None, 8)[0] == "held-out"

@@ -1,4 +1,4 @@
-"""Arena ratings (compare/ratings.py) against known truth: votes simulated from models of known strength, the
+"""Arena ratings (space/ratings.py) against known truth: votes simulated from models of known strength, the
 fitted order and win probabilities checked against it, and the log's odd lines counted, never fatal."""
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import compare.cli
-from compare.ratings import (SCALE, Votes, format_leaderboard, leaderboard, parse_votes, rating_rows, read_votes,
+from space.ratings import (SCALE, Votes, format_leaderboard, leaderboard, parse_votes, rating_rows, read_votes,
                              win_probability)
 from conftest import run_cli
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import ARTIFACTS, REPO, free_port
+from common.processes import free_port, wait_until_answers
+from conftest import ARTIFACTS, REPO
 from space.catalog import ModelSpec, load_catalog
 from space.openai_server import batched_server_command
 from space.remote import RemoteModel
@@ -244,7 +245,6 @@ def test_compare_cli_compares_a_local_gguf_with_a_server(openai_server, tiny_ggu
 def space_with_a_server(openai_server, tiny_gguf, tmp_path_factory):
     """`python space/app.py --model TINY --server server=URL#tiny`, the key in OPENAI_API_KEY; yields (url, votes)."""
     import os
-    import urllib.request
 
     folder = tmp_path_factory.mktemp("space-remote")
     votes, port = folder / "votes.jsonl", free_port()
@@ -254,14 +254,8 @@ def space_with_a_server(openai_server, tiny_gguf, tmp_path_factory):
          f"server={openai_server[0]}#tiny", "--host", "127.0.0.1", "--port", str(port), "--votes", str(votes),
          "--n-ctx", "1024", "--stream-interval", "0"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OPENAI_API_KEY": "tiny-secret"})
-    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            assert process.poll() is None and time.time() < deadline, (folder / "app.log").read_text()[-3000:]
-            time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until_answers(url, process, timeout=120, log=folder / "app.log")
     yield url, votes
     process.terminate()
     process.wait(timeout=30)

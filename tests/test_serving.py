@@ -12,7 +12,7 @@ import pytest
 
 import space.batching as batching
 import space.engine as engine_module
-from common.llama import extra_buffers, open_gguf
+from common.llama_runtime import extra_buffers, open_gguf
 from common.llama3 import EOT_ID
 from space.jobs import Done, Piece, Started
 from space.catalog import ModelSpec, catalog_from_paths
@@ -290,16 +290,13 @@ def test_stream_compare_reports_each_sides_mistakes(engine):
 
 
 
-def test_the_cache_bound_comes_from_the_owners_setting(tiny_gguf, monkeypatch):
+def test_the_cache_bound_is_the_owners_setting_and_the_engine_reads_no_environment(tiny_gguf, monkeypatch):
+    """SPACE_CACHE_MB reaches the engine through SpaceConfig (tests/test_space_config.py), never by itself."""
     spec = catalog_from_paths([str(tiny_gguf)])
-    monkeypatch.delenv("SPACE_CACHE_MB", raising=False)
-    assert Engine(spec).cache_bytes == 512 * 2**20
-    monkeypatch.setenv("SPACE_CACHE_MB", "64")
-    assert Engine(spec).cache_bytes == 64 * 2**20 and Engine(spec, cache_bytes=0).cache_bytes == 0
-    for setting in ("lots", "-1", "1.5"):
-        monkeypatch.setenv("SPACE_CACHE_MB", setting)
-        with pytest.raises(UserError, match=f"SPACE_CACHE_MB='{setting}': expected a whole number of MiB"):
-            Engine(spec)
+    monkeypatch.setenv("SPACE_CACHE_MB", "lots")
+    assert Engine(spec).cache_bytes == engine_module.DEFAULT_CACHE_MB * 2**20
+    assert Engine(spec, cache_bytes=64 * 2**20).cache_bytes == 64 * 2**20
+    assert Engine(spec, cache_bytes=0).cache_bytes == 0
 
 
 # ---------------------------------------------------------------------- loading
@@ -388,12 +385,11 @@ def test_next_turn_continues_from_the_sampled_tokens(engine):
                                                                                                 "<|end_header_id|>\n\n")
 
 
-def test_a_conversation_resumes_from_its_saved_state_when_others_took_its_slot(tiny_gguf, monkeypatch):
+def test_a_conversation_resumes_from_its_saved_state_when_others_took_its_slot(tiny_gguf):
     """One slot, users taking turns: each conversation's state goes to the RAM cache when another takes the slot,
     and its next turn is restored from there, reading only the new turn; the cache stays within the owner's bound,
     least recently used evicted first."""
-    monkeypatch.setenv("SPACE_CACHE_MB", "1")
-    engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, slots=1)
+    engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, slots=1, cache_bytes=2**20)
     label = engine.labels[0]
     decoder = engine.decoder(label)
     histories = {user: [] for user in ("ann", "bob")}

@@ -176,7 +176,7 @@ def test_special_tokens_typed_by_a_user_are_text_through_the_api(client):
 
 
 def test_blind_votes_update_the_leaderboard_with_counts_and_intervals(client, server):
-    from compare.ratings import leaderboard, read_votes
+    from space.ratings import leaderboard, read_votes
 
     _, votes = server
 

@@ -88,7 +88,7 @@ def test_compare_blind_then_vote_reveals_the_models(page):
 
 def open_leaderboard_and_wait_for(page, votes) -> str:
     """Open the Leaderboard tab and wait until it shows every vote in the log; returns the ratings table's text."""
-    from compare.ratings import leaderboard, read_votes
+    from space.ratings import leaderboard, read_votes
 
     expected = leaderboard(read_votes([votes]))
     counted = f"{expected.counted} vote{'s' * (expected.counted != 1)} counted"
@@ -151,8 +151,8 @@ def test_stop_in_compare_ends_both_answers_and_refuses_their_vote(page, server):
         tokens = re.search(r"(\d+) tokens?", page.locator(f"#compare-stats-{side}").inner_text())
         assert tokens and int(tokens.group(1)) < budget, page.locator(f"#compare-stats-{side}").inner_text()
     page.locator("#vote-tie").click()
-    page.wait_for_function("() => !(document.querySelector('#compare-reveal')?.innerText || '').startsWith("
-                           "'Stopped')", timeout=30_000)
+    page.wait_for_function("() => (document.querySelector('#compare-reveal')?.innerText || '').includes("
+                           "'stopped before their end')", timeout=30_000)
     reveal = page.locator("#compare-reveal").inner_text()
     assert "stopped before their end" in reveal, reveal
     assert (len(votes.read_text().splitlines()) if votes.exists() else 0) == before

@@ -1,6 +1,7 @@
 """Training backends: how the base model is loaded and wrapped with LoRA.
 
-    unsloth  Unsloth's FastLanguageModel (CUDA only): fused kernels, 4-bit base, offloaded checkpointing.
+    unsloth  Unsloth's FastLanguageModel (CUDA only): fused kernels, 4-bit base, Unsloth's gradient checkpointing
+             (activations offloaded to CPU RAM when loaded for 512 tokens or more: see --gradient-checkpointing).
     hf       transformers + PEFT (anywhere): fp32 on CPU, bf16/fp16 on CUDA, optional bitsandbytes 4-bit.
 
 Both hand the same thing to TRL's SFTTrainer (a PEFT model and a tokenizer) and both save the same PEFT
@@ -20,6 +21,7 @@ from typing import Callable
 from common.cli import UsageError, first_line
 
 from .config import TrainConfig
+from .tiny import is_builtin
 
 BACKENDS: dict[str, "Backend"] = {}
 
@@ -291,6 +293,8 @@ def load_unsloth_dpo(config: TrainConfig, model_path: str, sft_adapter: Path) ->
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=str(sft_adapter), max_seq_length=config.max_prompt_length + config.max_answer_length,
         dtype=_torch_dtype(dtype), load_in_4bit=config.load_in_4bit,
+        # from_pretrained sets up checkpointing itself when it loads an adapter (its default: "unsloth", on)
+        use_gradient_checkpointing="unsloth" if config.gradient_checkpointing else False,
     )
     _ensure_chat_template(tokenizer)
     for name, parameter in model.named_parameters():  # the SFT adapter is the policy: trainable
@@ -301,7 +305,7 @@ def load_unsloth_dpo(config: TrainConfig, model_path: str, sft_adapter: Path) ->
 
 def resolve_model_path(model_name: str, seed: int) -> str:
     """The built-in tiny model is built on first use; anything else is passed through."""
-    if model_name.startswith("builtin:"):
+    if is_builtin(model_name):
         from .tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(seed))

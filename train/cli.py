@@ -9,7 +9,7 @@ from common.cli import EXIT_INTERRUPTED, UsageError, report_problem
 
 from .checkpoints import ResumeError
 from .config import config_from_args
-from .data import DataError
+from .conversations import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from common.cli import UsageError, UsageParser, first_line
+from common.cli import UsageError, UsageParser, add_config_flags, config_field, first_line
 from common.files import output_folder_problem
 from common.hub import looks_like_repo_id
 from common.llama3 import DATASET
+
+from .summary import RunSummary, read_run_summary
+from .tiny import TINY_MODEL_NAME, is_builtin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -39,78 +41,76 @@ STAGES = ("sft", "dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "discopop")
 
 
-def _field(default, help: str, **kwargs):
-    """A dataclass field whose help text becomes the flag's --help."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass
 class TrainConfig:
     # Model
-    model_name: str = _field(
+    model_name: str = config_field(
         "unsloth/Llama-3.2-1B-Instruct",
-        "Hub id or local folder of the base model; 'builtin:tiny-llama-3.2' is the offline test model",
+        f"Hub id or local folder of the base model; '{TINY_MODEL_NAME}' is the offline test model",
     )
-    backend: str = _field("auto", "auto = unsloth on a CUDA GPU when installed, else hf", choices=BACKENDS)
-    load_in_4bit: bool = _field(True, "load the base in 4-bit (bitsandbytes) on CUDA; ignored on CPU")
-    dtype: str = _field("auto", "compute dtype: auto = fp32 on CPU, bf16 on GPUs that have it, else fp16", choices=DTYPES)
-    gradient_checkpointing: bool = _field(True, "trade compute for memory (Unsloth's offloaded variant on unsloth)")
+    backend: str = config_field("auto", "auto = unsloth on a CUDA GPU when installed, else hf", choices=BACKENDS)
+    load_in_4bit: bool = config_field(True, "load the base in 4-bit (bitsandbytes) on CUDA; ignored on CPU")
+    dtype: str = config_field("auto", "compute dtype: auto = fp32 on CPU, bf16 on GPUs that have it, else fp16", choices=DTYPES)
+    # Unsloth decides the variant from the length the model is loaded for (apply_unsloth_gradient_checkpointing in
+    # unsloth/models/_utils.py): below 512 tokens offloading costs more than it saves, so it uses the standard one.
+    gradient_checkpointing: bool = config_field(True, "trade compute for memory; on unsloth: Unsloth's variant, which "
+                                                "offloads activations to CPU RAM, when --max-seq-length (dpo: "
+                                                "--max-prompt-length + --max-answer-length) is 512 or more, else the "
+                                                "standard one")
 
     # Data
-    dataset: str = _field(DATASET, "Hub dataset id, or a local .jsonl/.json/.parquet in FineTome's schema")
-    dataset_split: str = _field("train", "split to read from a Hub dataset")
-    max_samples: int | None = _field(None, "use at most this many training conversations (after filtering)")
-    min_score: float | None = _field(None, "drop conversations whose FineTome 'score' is below this")
-    eval_samples: int = _field(200, "conversations held out for evaluation (0 = no eval split)")
-    max_seq_length: int = _field(2048, "tokens per training sequence; longer conversations are truncated")
+    dataset: str = config_field(DATASET, "Hub dataset id, or a local .jsonl/.json/.parquet in FineTome's schema")
+    dataset_split: str = config_field("train", "split to read from a Hub dataset")
+    max_samples: int | None = config_field(None, "use at most this many training conversations (after filtering)")
+    min_score: float | None = config_field(None, "drop conversations whose FineTome 'score' is below this")
+    eval_samples: int = config_field(200, "conversations held out for evaluation (0 = no eval split)")
+    max_seq_length: int = config_field(2048, "tokens per training sequence; longer conversations are truncated")
 
     # LoRA
-    lora_r: int = _field(16, "LoRA rank: higher = more capacity, more VRAM")
-    lora_alpha: int = _field(16, "LoRA scale numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    lora_dropout: float = _field(0.0, "dropout on the LoRA input; 0 is what Unsloth optimises for")
-    use_rslora: bool = _field(False, "rank-stabilised LoRA scaling")
-    target_modules: list[str] = _field(list(LORA_TARGETS), "projections that get LoRA adapters")
+    lora_r: int = config_field(16, "LoRA rank: higher = more capacity, more VRAM")
+    lora_alpha: int = config_field(16, "LoRA scale numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    lora_dropout: float = config_field(0.0, "dropout on the LoRA input; 0 is what Unsloth optimises for")
+    use_rslora: bool = config_field(False, "rank-stabilised LoRA scaling")
+    target_modules: list[str] = config_field(list(LORA_TARGETS), "projections that get LoRA adapters")
 
     # Optimisation
-    max_steps: int = _field(60, "optimizer steps to train for; -1 = --epochs passes over the data")
-    epochs: float = _field(1.0, "passes over the data when --max-steps is -1")
-    batch_size: int = _field(2, "sequences per device per forward pass")
-    grad_accum: int = _field(4, "forward passes per optimizer step (effective batch = batch x accum)")
-    learning_rate: float = _field(2e-4, "peak learning rate")
-    warmup_steps: int = _field(5, "linear warmup steps")
-    lr_scheduler: str = _field("linear", "learning-rate schedule", choices=SCHEDULERS)
-    weight_decay: float = _field(0.01, "AdamW weight decay")
-    optim: str = _field("auto", "optimizer: auto = adamw_8bit on CUDA, adamw_torch on CPU", choices=OPTIMIZERS)
-    seed: int = _field(3407, "seed for data order, LoRA init and the tiny model")
+    max_steps: int = config_field(60, "optimizer steps to train for; -1 = --epochs passes over the data")
+    epochs: float = config_field(1.0, "passes over the data when --max-steps is -1")
+    batch_size: int = config_field(2, "sequences per device per forward pass")
+    grad_accum: int = config_field(4, "forward passes per optimizer step (effective batch = batch x accum)")
+    learning_rate: float = config_field(2e-4, "peak learning rate")
+    warmup_steps: int = config_field(5, "linear warmup steps")
+    lr_scheduler: str = config_field("linear", "learning-rate schedule", choices=SCHEDULERS)
+    weight_decay: float = config_field(0.01, "AdamW weight decay")
+    optim: str = config_field("auto", "optimizer: auto = adamw_8bit on CUDA, adamw_torch on CPU", choices=OPTIMIZERS)
+    seed: int = config_field(3407, "seed for data order, LoRA init and the tiny model")
 
     # Checkpoints, logging, outputs
-    output_dir: str = _field("outputs/llama-3.2-1b-finetome", "where checkpoints and the adapter go (a Drive folder on Colab)")
-    save_steps: int = _field(50, "save a checkpoint every N optimizer steps")
-    save_total_limit: int = _field(3, "keep at most N complete checkpoints (older ones are deleted)")
-    eval_steps: int | None = _field(None, "evaluate every N steps (default: --save-steps)")
-    logging_steps: int = _field(1, "log the loss every N steps")
-    resume: str = _field("auto", "auto = newest complete checkpoint, never, or a checkpoint folder")
-    overwrite: bool = _field(False, "with --resume never: delete existing checkpoints first")
-    report_to: str = _field("none", "experiment tracker", choices=REPORT_TO)
+    output_dir: str = config_field("outputs/llama-3.2-1b-finetome", "where checkpoints and the adapter go (a Drive folder on Colab)")
+    save_steps: int = config_field(50, "save a checkpoint every N optimizer steps")
+    save_total_limit: int = config_field(3, "keep at most N complete checkpoints (older ones are deleted)")
+    eval_steps: int | None = config_field(None, "evaluate every N steps (default: --save-steps)")
+    logging_steps: int = config_field(1, "log the loss every N steps")
+    resume: str = config_field("auto", "auto = newest complete checkpoint, never, or a checkpoint folder")
+    overwrite: bool = config_field(False, "with --resume never: delete existing checkpoints first")
+    report_to: str = config_field("none", "experiment tracker", choices=REPORT_TO)
 
     # Preference tuning (DPO) on top of a finished SFT run: train/dpo.py
-    stage: str = _field("sft", "sft = LoRA fine-tune on conversations; dpo = preference tuning (DPO) of a finished "
-                        "SFT run's adapter (--sft-adapter) on chosen/rejected pairs (--pairs)", choices=STAGES)
-    sft_adapter: str | None = _field(None, "dpo: the adapter/ folder of the finished SFT run to start from; a "
-                                     "frozen copy of it is the reference")
-    pairs: list[str] = _field([], "dpo: where the pairs come from: .jsonl/.json/.parquet files of prompt/chosen/"
-                              "rejected, the Space's vote logs (a votes*.jsonl file or a folder of them), or a Hub "
-                              "dataset id (pairs, or the vote dataset a Space pushes)")
-    beta: float = _field(0.1, "dpo: how far the policy may move from the SFT reference (higher = stays closer)")
-    loss_type: str = _field("sigmoid", "dpo: TRL's preference loss", choices=DPO_LOSSES)
-    max_prompt_length: int = _field(1024, "dpo: pairs whose prompt (chat-templated) is longer than this many "
-                                    "tokens are left out and counted")
-    max_answer_length: int = _field(1024, "dpo: answers are cut so that prompt + answer fits "
-                                    "--max-prompt-length + --max-answer-length tokens")
-    heldout_pairs: int = _field(20, "dpo: pairs kept out of training and evaluation, scored before and after "
-                                "(preference accuracy, reward margin)")
+    stage: str = config_field("sft", "sft = LoRA fine-tune on conversations; dpo = preference tuning (DPO) of a finished "
+                              "SFT run's adapter (--sft-adapter) on chosen/rejected pairs (--pairs)", choices=STAGES)
+    sft_adapter: str | None = config_field(None, "dpo: the adapter/ folder of the finished SFT run to start from; a "
+                                           "frozen copy of it is the reference")
+    pairs: list[str] = config_field([], "dpo: where the pairs come from: .jsonl/.json/.parquet files of prompt/chosen/"
+                                    "rejected, the Space's vote logs (a votes*.jsonl file or a folder of them), or a Hub "
+                                    "dataset id (pairs, or the vote dataset a Space pushes)")
+    beta: float = config_field(0.1, "dpo: how far the policy may move from the SFT reference (higher = stays closer)")
+    loss_type: str = config_field("sigmoid", "dpo: TRL's preference loss", choices=DPO_LOSSES)
+    max_prompt_length: int = config_field(1024, "dpo: pairs whose prompt (chat-templated) is longer than this many "
+                                          "tokens are left out and counted")
+    max_answer_length: int = config_field(1024, "dpo: answers are cut so that prompt + answer fits "
+                                          "--max-prompt-length + --max-answer-length tokens")
+    heldout_pairs: int = config_field(20, "dpo: pairs kept out of training and evaluation, scored before and after "
+                                      "(preference accuracy, reward margin)")
 
     def __post_init__(self):
         self.validate()
@@ -163,11 +163,11 @@ class TrainConfig:
             bad("target_modules", ",".join(map(str, targets)), f"choose from: {', '.join(LORA_TARGETS)}")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             bad("model_name", self.model_name, "give a Hub id like unsloth/Llama-3.2-1B-Instruct or a local folder")
-        elif not (self.model_name.startswith("builtin:") or looks_like_repo_id(self.model_name)
+        elif not (is_builtin(self.model_name) or looks_like_repo_id(self.model_name)
                   or Path(self.model_name).expanduser().is_dir()):
-            bad("model_name", self.model_name, "not a Hub id (owner/name), an existing folder, or builtin:tiny-llama-3.2")
-        elif self.model_name.startswith("builtin:") and self.model_name != "builtin:tiny-llama-3.2":
-            bad("model_name", self.model_name, "the only built-in model is builtin:tiny-llama-3.2")
+            bad("model_name", self.model_name, f"not a Hub id (owner/name), an existing folder, or {TINY_MODEL_NAME}")
+        elif is_builtin(self.model_name) and self.model_name != TINY_MODEL_NAME:
+            bad("model_name", self.model_name, f"the only built-in model is {TINY_MODEL_NAME}")
         out += self._dataset_problems()
         if self.resume not in ("auto", "never") and not Path(self.resume).expanduser().is_dir():
             bad("resume", self.resume, "use auto, never, or an existing checkpoint folder")
@@ -236,7 +236,7 @@ class TrainConfig:
             return [f"--sft-adapter {self.sft_adapter!r}: no finished adapter there (missing {', '.join(missing)}); "
                     "give the adapter/ folder that train/run.py wrote at the end of the SFT run"]
         out = []
-        trained_on = sft_run_summary(adapter).get("config", {}).get("model_name")
+        trained_on = sft_run_summary(adapter).model_name
         if trained_on and trained_on != self.model_name:
             out.append(f"--model-name {self.model_name!r}: the SFT adapter was trained on {trained_on!r}; "
                        f"pass --model-name {trained_on}")
@@ -251,10 +251,6 @@ class TrainConfig:
             raise UsageError(problems)
 
     # ------------------------------------------------------------------ derived values
-    @property
-    def is_local_dataset(self) -> bool:
-        return resolve_local_path(self.dataset).is_file()
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -278,12 +274,9 @@ def sft_adapter_dir(value: str) -> Path:
     return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
 
 
-def sft_run_summary(adapter: Path) -> dict:
-    """The run.json the SFT run wrote beside its adapter ({} when absent or unreadable)."""
-    try:
-        return json.loads((Path(adapter).parent / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
+def sft_run_summary(adapter: Path) -> RunSummary:
+    """The run.json the SFT run wrote beside its adapter (empty when absent or unreadable)."""
+    return read_run_summary(Path(adapter).parent) or RunSummary()
 
 
 # ---------------------------------------------------------------------- presets and YAML
@@ -338,6 +331,17 @@ def _parse_optional(kind):
     return parse
 
 
+# A field's annotation -> how its flag parses a value: a bool flag alone means true; none/all/null unsets a limit.
+FLAG_KINDS: dict[str, dict[str, Any]] = {
+    "bool": dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL"),
+    "int": dict(type=int),
+    "float": dict(type=float),
+    "int | None": dict(type=_parse_optional(int)),
+    "float | None": dict(type=_parse_optional(float)),
+    "list[str]": dict(type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="A,B,..."),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog="python train/run.py",
@@ -348,32 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="1b",
                         help=f"starting settings: {', '.join(available_presets())} (default: 1b)")
     parser.add_argument("--config", type=Path, help="YAML file of field: value, applied over the preset")
-    hints = {f.name: f for f in fields(TrainConfig)}
-    defaults = TrainConfig.__dataclass_fields__
-    for name, f in hints.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f.metadata["help"]
-        kind = f.type if isinstance(f.type, str) else str(f.type)
-        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
-        if kind == "bool":
-            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        elif kind == "int":
-            kwargs.update(type=int)
-        elif kind == "float":
-            kwargs.update(type=float)
-        elif kind == "int | None":
-            kwargs.update(type=_parse_optional(int))
-        elif kind == "float | None":
-            kwargs.update(type=_parse_optional(float))
-        elif kind == "list[str]":
-            kwargs.update(type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="A,B,...")
-        if f.metadata.get("choices"):
-            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-        default = defaults[name].default
-        if default is dataclasses.MISSING:
-            default = defaults[name].default_factory()
-        kwargs["help"] = f"{help_text} (default: {default if not isinstance(default, list) else ','.join(default)})"
-        parser.add_argument(flag, **kwargs)
+    add_config_flags(parser, TrainConfig, kinds=FLAG_KINDS, layered=True)
     return parser
 
 

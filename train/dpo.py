@@ -29,6 +29,7 @@ from common.log import stage_logger
 from .backends import BACKENDS, cuda_available, gpu_unusable, resolve_model_path, select_backend, unsloth_installed
 from .config import TrainConfig, sft_adapter_dir, sft_run_summary
 from .preferences import read_pairs, split_pairs
+from .summary import RunSummary, write_run_summary
 from .trainer import (
     _callbacks,
     _peak_memory,
@@ -261,7 +262,7 @@ def _arguments(config: TrainConfig, output_dir: Path, optimizer: str, dtype: str
                      loss_type=[config.loss_type], max_length=config.max_prompt_length + config.max_answer_length)
 
 
-def run_dpo(config: TrainConfig) -> dict:
+def run_dpo(config: TrainConfig) -> RunSummary:
     started = time.perf_counter()
     output_dir = Path(config.output_dir).expanduser()
     backend_name = select_backend(config.backend, has_cuda=cuda_available(), has_unsloth=unsloth_installed(),
@@ -273,8 +274,8 @@ def run_dpo(config: TrainConfig) -> dict:
     resume_from = choose_checkpoint(config, output_dir, compat_info(config, sft_sha))
     previous = previous_run(output_dir)
     if is_finished(config, output_dir, previous, resume_from):
-        log(f"done: the run in {output_dir} is complete ({previous['steps']} steps, --max-steps {config.max_steps}); "
-            f"adapter: {previous['adapter']}. Nothing was changed; raise --max-steps to train further")
+        log(f"done: the run in {output_dir} is complete ({previous.steps} steps, --max-steps {config.max_steps}); "
+            f"adapter: {previous.adapter}. Nothing was changed; raise --max-steps to train further")
         return previous
     if note := schedule_note(config, previous, resume_from):
         log(note)
@@ -324,7 +325,7 @@ def run_dpo(config: TrainConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - train_started
     if not trainer.is_world_process_zero():
-        return {}
+        return RunSummary()
 
     after = answer_log_probs(trainer.model, loaded.tokenizer, kept["heldout"], max_length)
     heldout = preference_report(before, after, config.beta)
@@ -348,8 +349,7 @@ def run_dpo(config: TrainConfig) -> dict:
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "resumed_from": str(resume_from) if resume_from else None,
-        "sft": {"adapter": str(sft_dir), "adapter_sha256": sft_sha, "dataset": sft_run.get("config", {}).get("dataset"),
-                "steps": sft_run.get("steps")},
+        "sft": {"adapter": str(sft_dir), "adapter_sha256": sft_sha, "dataset": sft_run.dataset, "steps": sft_run.steps},
         "pairs": {**data["info"], "prompt_too_long": too_long,
                   "used": {split: len(kept[split]) for split in SPLITS}},
         "heldout": heldout,
@@ -365,7 +365,7 @@ def run_dpo(config: TrainConfig) -> dict:
         "train_metrics": result.metrics,
         **_peak_memory(),
     }
-    write_json_atomic(output_dir / "run.json", summary)
+    summary_file = write_run_summary(output_dir, summary)
     plot_dpo(history, output_dir / "loss.png")
     if heldout.get("pairs"):
         b, a = heldout["before"], heldout["after"]
@@ -374,8 +374,8 @@ def run_dpo(config: TrainConfig) -> dict:
             f"{a['reward_accuracy']:.2f}")
     log(f"done: {state.global_step} steps, DPO loss {summary['train_loss']}, eval loss {summary['eval_loss']}")
     log(f"adapter: {adapter} (SFT and DPO in one LoRA adapter: export it like an SFT adapter)")
-    log(f"run summary: {output_dir / 'run.json'}, curves: {output_dir / 'loss.png'}")
-    return summary
+    log(f"run summary: {summary_file}, curves: {output_dir / 'loss.png'}")
+    return RunSummary(summary)
 
 
 def _step(checkpoint: Path | None) -> int:

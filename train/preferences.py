@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DATA_SUFFIXES, resolve_local_path
-from .data import ROLE_ALIASES, BadRow, DataError
+from .conversations import ROLE_ALIASES, BadRow, DataError
 
 BUILTIN_PAIRS = Path(__file__).parent / "data" / "preference_pairs.jsonl"
 VOTE_WINNERS = {"A": ("answer_a", "answer_b"), "B": ("answer_b", "answer_a")}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from common.files import (
 from common.llama3 import TEMPLATE_DATE
 
 from .config import TrainConfig, resolve_local_path
-from .data import (
+from .conversations import (
     IGNORE_INDEX,
     DataError,
     Prepared,
@@ -237,9 +236,6 @@ class PreparedStore:
         swap_in_folder(self.staging, self.folder)
         evaluation = load_from_disk(str(self.folder / "eval")) if len(evaluation) else None
         return RunData(load_from_disk(str(self.folder / "train")), evaluation, info, False)
-
-    def discard_staging(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def summary_lines(manifest: dict) -> list[str]:

@@ -34,7 +34,17 @@ from common.llama3 import (
     cache_root,
 )
 
-TINY_MODEL_NAME = "builtin:tiny-llama-3.2"
+BUILTIN_PREFIX = "builtin:"  # --model-name values that name a model built here rather than a Hub id or a folder
+TINY_MODEL_NAME = BUILTIN_PREFIX + "tiny-llama-3.2"  # the only one (train/config.py refuses any other)
+
+
+def is_builtin(model_name: object) -> bool:
+    """Whether a --model-name (or a run.json's) names a built-in model rather than a Hub id or a folder.
+
+    >>> is_builtin(TINY_MODEL_NAME), is_builtin("unsloth/Llama-3.2-1B-Instruct"), is_builtin(None)
+    (True, False, False)
+    """
+    return isinstance(model_name, str) and model_name.startswith(BUILTIN_PREFIX)
 
 # Llama-3.2-1B-Instruct's config.json, shrunk. hidden_size and intermediate_size are multiples of 256 so
 # that llama.cpp's k-quants (256-value super-blocks) really apply to every matrix at export.

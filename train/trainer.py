@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from common.cli import UsageError
-from common.files import temporary_path, write_json_atomic
+from common.files import temporary_path
 from common.log import stage_logger
 from common.machine import process_age
 
@@ -33,6 +33,7 @@ from .backends import (
 from .checkpoints import ResumeError
 from .config import TrainConfig
 from .prepared import PreparedStore, summary_lines, train_rows_needed
+from .summary import RunSummary, read_run_summary, write_run_summary
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "unsloth",
              "unsloth_zoo", "bitsandbytes")
@@ -196,6 +197,8 @@ def shared_arguments(config: TrainConfig, output_dir: Path, optimizer: str, dtyp
 
 
 def _training_arguments(config: TrainConfig, output_dir: Path, backend_optimizer: str, dtype: str, has_eval: bool):
+    # With the unsloth backend, importing unsloth (at model load, before this) has replaced trl.SFTConfig with
+    # Unsloth's patched subclass, UnslothSFTConfig: that is the class built here then.
     from trl import SFTConfig
 
     return SFTConfig(**shared_arguments(config, output_dir, backend_optimizer, dtype, has_eval),
@@ -209,7 +212,9 @@ def sft_trainer_class():
     TRL 1.15's SFTTrainer always computes the loss through a fused LM head whose kernels are Triton, which
     needs a GPU; on CPU it fails with `'NoneType' object has no attribute 'apply'`. There, the loss is the
     model's own causal-LM cross-entropy over the same labels (what TRL's fused head computes, without its
-    entropy/accuracy metrics). On CUDA, TRL's path runs unchanged.
+    entropy/accuracy metrics). On CUDA the parent class's loss runs: TRL's own with the hf backend; with the unsloth
+    backend, importing unsloth has already replaced trl.SFTTrainer (and trl.SFTConfig) with Unsloth's patched
+    subclasses, so this class derives from UnslothSFTTrainer and the loss is Unsloth's.
     """
     from transformers import Trainer
     from trl import SFTTrainer
@@ -266,15 +271,13 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def previous_run(output_dir: Path) -> dict:
-    """The run.json an earlier run of this folder wrote when it finished ({} when there is none or it is unreadable)."""
-    try:
-        return json.loads((output_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def previous_run(output_dir: Path) -> RunSummary:
+    """The run.json an earlier run of this folder wrote when it finished (empty when there is none or it is
+    unreadable)."""
+    return read_run_summary(output_dir) or RunSummary()
 
 
-def is_finished(config: TrainConfig, output_dir: Path, previous: dict, resume_from: Path | None) -> bool:
+def is_finished(config: TrainConfig, output_dir: Path, previous: RunSummary, resume_from: Path | None) -> bool:
     """Whether the run in this folder already reached --max-steps (its newest checkpoint, adapter and run.json all at
     that step). Rerunning the same command after a finished run must not train more: on Colab, rerunning every
     cell after a disconnect is what users do."""
@@ -282,15 +285,15 @@ def is_finished(config: TrainConfig, output_dir: Path, previous: dict, resume_fr
         return False
     step = json.loads((resume_from / "trainer_state.json").read_text()).get("global_step", 0)
     adapter = output_dir / "adapter" / "adapter_model.safetensors"
-    return step >= config.max_steps and previous.get("steps") == step and adapter.is_file()
+    return step >= config.max_steps and previous.steps == step and adapter.is_file()
 
 
-def schedule_note(config: TrainConfig, previous: dict, resume_from: Path | None) -> str | None:
+def schedule_note(config: TrainConfig, previous: RunSummary, resume_from: Path | None) -> str | None:
     """One line when a finished run is continued on purpose with a larger --max-steps: what happens to the schedule."""
     if resume_from is None:
         return None
-    done = previous.get("steps")
-    if not done or previous.get("max_steps") != done or config.max_steps in (-1, done):
+    done = previous.steps
+    if not done or previous.max_steps != done or config.max_steps in (-1, done):
         return None
     if config.lr_scheduler in ("constant", "constant_with_warmup"):
         return (f"resume: the finished {done}-step run continues to {config.max_steps} steps; the {config.lr_scheduler} "
@@ -300,7 +303,7 @@ def schedule_note(config: TrainConfig, previous: dict, resume_from: Path | None)
             "schedule's value instead of ending at its end")
 
 
-def run(config: TrainConfig) -> dict:
+def run(config: TrainConfig) -> RunSummary:
     started = time.perf_counter()
     output_dir = Path(config.output_dir).expanduser()
     backend_name = select_backend(config.backend, has_cuda=cuda_available(), has_unsloth=unsloth_installed(),
@@ -310,8 +313,8 @@ def run(config: TrainConfig) -> dict:
     resume_from = choose_checkpoint(config, output_dir)
     previous = previous_run(output_dir)
     if is_finished(config, output_dir, previous, resume_from):
-        log(f"done: the run in {output_dir} is complete ({previous['steps']} steps, --max-steps {config.max_steps}); "
-            f"adapter: {previous['adapter']}. Nothing was changed; raise --max-steps to train further")
+        log(f"done: the run in {output_dir} is complete ({previous.steps} steps, --max-steps {config.max_steps}); "
+            f"adapter: {previous.adapter}. Nothing was changed; raise --max-steps to train further")
         return previous
     if note := schedule_note(config, previous, resume_from):
         log(note)
@@ -382,7 +385,7 @@ def run(config: TrainConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - train_started
     if not trainer.is_world_process_zero():
-        return {}  # under `accelerate launch` (several processes, one model replica each) rank 0 writes the outputs
+        return RunSummary()  # under `accelerate launch` (several processes, one model replica each) rank 0 writes the outputs
 
     adapter = save_adapter(loaded.model, loaded.tokenizer, output_dir)
     state = trainer.state
@@ -414,10 +417,10 @@ def run(config: TrainConfig) -> dict:
         "train_metrics": result.metrics,
         **_peak_memory(),
     }
-    write_json_atomic(output_dir / "run.json", summary)
+    summary_file = write_run_summary(output_dir, summary)
     plot_losses(history, output_dir / "loss.png")
     log(f"done: {state.global_step} steps, train loss {summary['train_loss']}, eval loss {summary['eval_loss']}, "
         f"{summary['tokens_per_second']} tokens/s")
     log(f"adapter: {adapter}")
-    log(f"run summary: {output_dir / 'run.json'}, loss curve: {output_dir / 'loss.png'}")
-    return summary
+    log(f"run summary: {summary_file}, loss curve: {output_dir / 'loss.png'}")
+    return RunSummary(summary)

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import SAMPLE, run_cli
 
-from train.data import (
+from train.conversations import (
     IGNORE_INDEX,
     BadRow,
     DataError,
@@ -138,7 +138,7 @@ def test_blank_lines_are_not_rows_and_row_numbers_are_line_numbers(tmp_path):
 
 
 def test_a_large_file_is_scanned_in_parallel_with_the_same_result(tmp_path, monkeypatch):
-    from train import data
+    from train import conversations as data
 
     rows = [row for _, row in read_rows(SAMPLE)]
     lines = [json.dumps(rows[i % len(rows)]) if i % 97 else "{broken" for i in range(1, 2001)]
@@ -163,7 +163,7 @@ def test_shipped_sample_is_clean_and_varied():
 
 def masked_by_hand(tokenizer, messages):
     """Independent reference: tokenize the rendered pieces one by one and mark assistant pieces."""
-    from train.data import TEMPLATE_DATE
+    from train.conversations import TEMPLATE_DATE
 
     ids, labels, rendered = [], [], ""
     for index, message in enumerate(messages):

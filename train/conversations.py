@@ -20,12 +20,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.llama3 import (
     TEMPLATE_DATE,  # passed explicitly: the same token ids whatever the day (exact resume)
 )
 from common.machine import usable_cpus
+
+if TYPE_CHECKING:
+    from .summary import DataSplit
 
 IGNORE_INDEX = -100  # what PyTorch's cross-entropy (and so every HF model) skips
 PARALLEL_FROM = 20_000  # rows; below this, worker processes cost more than they save
@@ -320,6 +323,13 @@ def prepare(dataset: str | Path, split: str = "train", *, seed: int, eval_sample
     source = scan(dataset, split, min_score=min_score, work_dir=work_dir)
     eval_rows, train_rows = split_rows(source.good, seed=seed, eval_samples=eval_samples, max_samples=max_samples)
     return Prepared(source, eval_rows, train_rows)
+
+
+def prepare_split(split: DataSplit) -> Prepared:
+    """The dataset scanned and split exactly as a finished run split it (its run.json's train.summary.DataSplit):
+    its training conversations and the held-out ones it never trained on."""
+    return prepare(split.dataset, split.dataset_split, seed=split.seed, eval_samples=split.eval_samples,
+                   max_samples=split.max_samples, min_score=split.min_score)
 
 
 # ---------------------------------------------------------------------- tokenising

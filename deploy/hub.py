@@ -1,5 +1,6 @@
-"""The deploy's talks with the Hub around the upload: may this account create the Space, and does the Space, once
-built, answer. Deploy-only, like space/deploy.py: it is not uploaded.
+"""The deploy's talks with the Hub: may this account create the Space, the upload (variables, then the tree in one
+commit), and does the Space, once built, answer. Every failure is one HubError line (common/hub.py) that names the
+Space and the fix, never the token.
 
 Since 2026-07-21 a Gradio (or Docker) Space runs on paid compute: creating one needs PRO on a personal account, or
 an organization on a Team or Enterprise plan; the Hub answers any other create with HTTP 402. Free personal accounts
@@ -13,9 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from huggingface_hub import CommitOperationAdd
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from export.errors import ExportError
+from common.hub import HTTP_FIXES, HubError, hub_errors, masked_line
+from deploy.config import HARDWARE, VARIABLE_DESCRIPTIONS, DeployConfig
+from deploy.tree import SpaceTree
 
 PLAN_NEEDED = ("creating a Gradio Space needs a paid Hugging Face plan since 2026-07-21: PRO for a personal account, "
                "Team or Enterprise for an organization (https://huggingface.co/pricing)")
@@ -28,20 +32,15 @@ FAILED_STAGES = {"BUILD_ERROR": "build", "RUNTIME_ERROR": "container", "CONFIG_E
 STOPPED_STAGES = ("STOPPED", "PAUSED", "DELETING")
 CHECK_MESSAGE = "Say hello in three words."  # the short chat the hosted Space answers for each model
 CHECK_TOKENS = 8
+# The fix for the HTTP statuses a deploy typically meets, on top of common/hub.py's (401, 403, 429).
+DEPLOY_HTTP_FIXES = {
+    **HTTP_FIXES,
+    402: f"the Hub wants payment for this Space: {PLAN_NEEDED}",  # create_repo's 402 keeps the Hub's text too
+}
 
 
-class SpaceCheckError(ExportError):
+class SpaceCheckError(HubError):
     """The Space was uploaded but does not run or answer: one line with the Hub's message and the logs link."""
-
-
-def plain(text: str, token: str | None) -> str:
-    """The Hub's text on one line, the token masked in case something on the way echoed it.
-
-    >>> plain("Payment required:\\n  subscribe  to PRO hf_x", "hf_x")
-    'Payment required: subscribe to PRO ***'
-    """
-    text = " ".join(str(text).split())
-    return text.replace(token, "***") if token else text
 
 
 def logs_url(space_id: str, kind: str = "build") -> str:
@@ -82,10 +81,55 @@ def create_problem(space_id: str, account: dict) -> str | None:
     return None
 
 
-def payment_error(action: str, error: HfHubHTTPError, token: str | None) -> ExportError:
+def payment_error(action: str, error: HfHubHTTPError, token: str | None) -> HubError:
     """A 402 as one line: the Hub's own text first, then the plan that hosts the Space and the free alternatives."""
-    hub_text = plain(error.server_message or str(error).splitlines()[0], token)
-    return ExportError(f"{action} failed (HTTP 402): {hub_text}; {PLAN_NEEDED}; {FREE_ALTERNATIVES}")
+    hub_text = masked_line(error.server_message or str(error).splitlines()[0], token)
+    return HubError(f"{action} failed (HTTP 402): {hub_text}; {PLAN_NEEDED}; {FREE_ALTERNATIVES}")
+
+
+def check_account(client, config: DeployConfig, token: str | None = None):
+    """Before the upload: the Space's SpaceInfo when it exists (then it is only updated), else whether this account
+    may create it (create_problem); one-line HubError otherwise."""
+    with hub_errors(f"deploying to the Space {config.space_id}", token, DEPLOY_HTTP_FIXES, retry="deploy again"):
+        info = existing_space(client, config.space_id)
+        problem = None if info is not None else create_problem(config.space_id, client.whoami())
+    if problem:
+        raise HubError(problem)
+    return info
+
+
+def upload(client, config: DeployConfig, tree: SpaceTree, token: str | None = None,
+           exists: bool = False) -> dict:
+    """Create the Space unless it `exists`, set its variables, and upload the tree in one commit.
+
+    client has HfApi's interface (HfApi(token=...) in real use). Variables go first: each change restarts the Space,
+    and setting them before the commit lets the build that the commit starts see them. Files already in the Space
+    that the tree lacks are reported, never deleted (they may be data someone put there). A 402 on the create keeps
+    the Hub's text and names the plan. Returns {"space_url", "commit_url", "commit_sha", "stale"}.
+    """
+    space_id, action = config.space_id, f"deploying to the Space {config.space_id}"
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+                  for name, content in tree.files.items()]
+    with hub_errors(action, token, DEPLOY_HTTP_FIXES, retry="deploy again"):
+        if not exists:
+            try:
+                client.create_repo(space_id, repo_type="space", space_sdk="gradio", space_hardware=HARDWARE,
+                                   private=config.private, exist_ok=True)
+            except HfHubHTTPError as error:
+                if getattr(error.response, "status_code", None) == 402:
+                    raise payment_error(action, error, token) from error
+                raise
+        for key, value in tree.variables.items():
+            client.add_space_variable(space_id, key, value, description=VARIABLE_DESCRIPTIONS.get(key))
+        existing = client.list_repo_files(space_id, repo_type="space")
+        commit = client.create_commit(space_id, operations, repo_type="space",
+                                      commit_message=f"Deploy the chat Space: {len(operations)} files",
+                                      commit_description="Models: " + ", ".join(
+                                          model.get("repo_id") or model["label"] for model in config.catalog()))
+    # .gitattributes is the Hub's own (LFS rules); it is never part of the tree.
+    stale = sorted(set(existing) - set(tree.files) - {".gitattributes"})
+    return {"space_url": f"https://huggingface.co/spaces/{space_id}", "stale": stale,
+            "commit_url": getattr(commit, "commit_url", None), "commit_sha": getattr(commit, "oid", None)}
 
 
 BUILD_STAGES = ("BUILDING", "RUNNING_BUILDING", "APP_STARTING", "RUNNING_APP_STARTING")
@@ -122,7 +166,7 @@ def wait_until_running(client, space_id: str, commit_sha: str | None, wait: Wait
             current = rebuilt or (running_since is not None and wait.clock() - running_since >= wait.settle)
         if stage in FAILED_STAGES:
             kind = FAILED_STAGES[stage]
-            message = plain(raw.get("errorMessage") or "the Hub gave no message", None)
+            message = masked_line(raw.get("errorMessage") or "the Hub gave no message", None)
             raise SpaceCheckError(f"the Space {space_id} stopped at {stage}: {message}; read the {kind} log at "
                                   f"{logs_url(space_id, kind)}, fix the cause and deploy again")
         if stage in STOPPED_STAGES:
@@ -160,16 +204,17 @@ def check_answers(url: str, labels: list[str], token: str | None, space_id: str,
         app = Client(url, token=token, verbose=False)
     except Exception as error:  # gradio_client raises many kinds: all mean "the app does not answer"
         raise SpaceCheckError(f"the Space {space_id} runs but its app at {url} does not answer "
-                              f"({plain(error, token)[:200]}); read {logs_url(space_id, 'container')}") from error
+                              f"({masked_line(error, token)[:200]}); read {logs_url(space_id, 'container')}") from error
     for label in labels:
         try:
             # /chat's inputs: message, model, system prompt, temperature, top_p, max new tokens (greedy here);
             # its history is session state, which the API leaves out.
             answer, stats = app.predict(CHECK_MESSAGE, label, "", 0.0, 1.0, CHECK_TOKENS, api_name="/chat")
         except Exception as error:
-            raise SpaceCheckError(f"the Space {space_id}: /chat with {label!r} failed ({plain(error, token)[:200]}); "
-                                  f"read {logs_url(space_id, 'container')}") from error
+            raise SpaceCheckError(f"the Space {space_id}: /chat with {label!r} failed "
+                                  f"({masked_line(error, token)[:200]}); read {logs_url(space_id, 'container')}") \
+                from error
         if not answer or "token" not in str(stats):  # an error reply has text but no statistics
-            raise SpaceCheckError(f"the Space {space_id}: {label!r} answered no token ({plain(answer, token)[:200]!r})"
-                                  f"; read {logs_url(space_id, 'container')}")
-        say(f"  {label}: {plain(answer, token)[:60]!r} ({stats})")
+            raise SpaceCheckError(f"the Space {space_id}: {label!r} answered no token "
+                                  f"({masked_line(answer, token)[:200]!r}); read {logs_url(space_id, 'container')}")
+        say(f"  {label}: {masked_line(answer, token)[:60]!r} ({stats})")

@@ -2,7 +2,7 @@
 intervals, and win rates and vote counts per pair.
 
     python scripts/compare.py leaderboard votes/           # the table, from a vote log or a folder of them
-    from compare.ratings import format_leaderboard, leaderboard, read_votes
+    from space.ratings import format_leaderboard, leaderboard, read_votes
     print(format_leaderboard(leaderboard(read_votes(["votes/votes.jsonl"]))))
 
 The method is Chatbot Arena's (lm-sys/FastChat, fastchat/serve/monitor/elo_analysis.py: `compute_mle_elo` fits a

@@ -1,22 +1,22 @@
-"""The Space's card (README.md): YAML front matter the Hub reads, and the body from space/README_space.md; and which
-files of space/ the Space gets. Deploy-only, like space/deploy.py: it is not uploaded."""
+"""The Space's card, its README.md: the YAML front matter the Hub reads (sdk, app_file, models, ...) and the body,
+deploy/space_card.md with its {{placeholders}} filled for one DeployConfig."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import yaml
 
 from common.cli import UsageError
-from common.llama3 import Q4_K_M_GLOB
+from deploy.config import GGUF_PATTERN
 
-TEMPLATE = Path(__file__).with_name("README_space.md")
-PACKAGE = "space"  # SPACE_DIR's files go to space/ in the Space whatever the folder's name: the app imports space.*
+# The card's template stays beside the app it describes; the deploy renders it and leaves the file itself behind.
+TEMPLATE = Path(__file__).resolve().with_name("space_card.md")
+PACKAGE = "space"  # deploy/tree.py's SPACE_DIR goes to space/ in the Space whatever its name: the app imports space.*
 APP_NAME = "app.py"  # in SPACE_DIR
 APP_FILE = f"{PACKAGE}/{APP_NAME}"  # the card's app_file: the Space runs `python space/app.py` from its root
 PYTHON_VERSION = "3.11"  # the version the app is tested with here
-GGUF_PATTERN = Q4_K_M_GLOB  # Llama.from_pretrained accepts a glob; export/to_gguf.py names files <Name>-Q4_K_M.gguf
 
 CARD = {  # front matter of the Space card, in the order the Hub's docs list the keys
     "title": "Llama-3.2 FineTome Chat",
@@ -80,58 +80,3 @@ def render_card(config, template: str, gradio_version: str, llama_cpp_version: s
     front_matter = yaml.safe_dump(card_front_matter(config, gradio_version), sort_keys=False, allow_unicode=True,
                                   width=1000)
     return f"---\n{front_matter}---\n\n{body}"
-
-
-SILENT_REASON = "the Space card template, rendered into README.md"
-DEPLOY_REASON = "the deploy's own code: it runs here, the Space never imports it"
-# The deploy's own code, in space/ beside the app: it runs here, the Space never imports it.
-DEPLOY_MODULES = ("deploy.py", Path(__file__).name, "deploy_hub.py")
-QUIET_REASONS = ("Python bytecode", SILENT_REASON, DEPLOY_REASON)  # not worth a line: expected every time
-
-
-def leave_out_reason(path: PurePosixPath) -> str | None:
-    """Why a file of space/ is not part of the Space, or None when it is. `path` is relative to space/.
-
-    >>> [leave_out_reason(PurePosixPath(p)) for p in ["app.py", "engine.py", "models.yaml", "static/style.css"]]
-    [None, None, None, None]
-    >>> leave_out_reason(PurePosixPath("deploy.py"))
-    "the deploy's own code: it runs here, the Space never imports it"
-    >>> leave_out_reason(PurePosixPath("__pycache__/engine.cpython-311.pyc"))
-    'Python bytecode'
-    >>> leave_out_reason(PurePosixPath("votes/votes.jsonl"))
-    'vote log or app output'
-    >>> leave_out_reason(PurePosixPath(".pytest_cache/v/cache/nodeids"))
-    'hidden (cache or editor file)'
-    >>> leave_out_reason(PurePosixPath("README_space.md"))
-    'the Space card template, rendered into README.md'
-    """
-    if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
-        return "Python bytecode"
-    if any(part.startswith(".") for part in path.parts):
-        return "hidden (cache or editor file)"
-    if path == PurePosixPath(TEMPLATE.name):
-        return SILENT_REASON
-    if path.as_posix() in DEPLOY_MODULES:
-        return DEPLOY_REASON
-    if {"votes", "flagged"} & set(path.parts[:-1]) or path.suffix in (".jsonl", ".log"):
-        return "vote log or app output"
-    if path.suffix in (".gguf", ".safetensors", ".bin"):
-        return "model file (the Space downloads its models from their repos)"
-    if path.suffix in (".tmp", ".partial"):
-        return "temporary file"
-    return None
-
-
-def space_files(space_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """The files of space/ that the Space gets, and the ones left out with the reason (sorted, POSIX paths)."""
-    kept, left_out = [], []
-    for path in sorted(space_dir.rglob("*")):
-        if not path.is_file():
-            continue
-        relative = PurePosixPath(path.relative_to(space_dir).as_posix())
-        reason = leave_out_reason(relative)
-        if reason is None:
-            kept.append(str(relative))
-        elif reason not in QUIET_REASONS:  # the rest is worth a line
-            left_out.append((str(relative), reason))
-    return kept, left_out

@@ -1,6 +1,6 @@
 """The one place where the project opens a GGUF with llama.cpp (llama-cpp-python's `Llama`).
 
-    from common.llama import open_gguf
+    from common.llama_runtime import open_gguf
     llm = open_gguf("outputs/demo/gguf/Tiny-Llama-3.2-FineTome-Q4_K_M.gguf", n_ctx=1024)
 
 The Space engine, the export's verification, compare, bench and the demo all open their models here, so that
