@@ -7,9 +7,12 @@ import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,6 +117,43 @@ def run_cli(script: str, *args: str, timeout: float = 600, **popen) -> subproces
     """Run an entry script the way a user does, from the repo root, and capture its output."""
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+
+
+def sigkill_when(script: str, *args: str, reached: Callable[[], object], what: str, timeout: float = 300) -> None:
+    """Start an entry script the way a user does and SIGKILL it the moment `reached()` is true (a runtime that dies
+    mid-step: Colab's disconnect, the OOM killer); fails if it ends first or `what` is not reached in time."""
+    process = subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not reached():
+        assert process.poll() is None, f"{script} ended before {what}: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"{script} did not reach {what} within {timeout:.0f} s"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
+def processes_running(*fragments: str) -> list[int]:
+    """The processes whose command line holds every fragment (e.g. a tool's name and the folder it writes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if all(fragment in command for fragment in fragments):
+                found.append(int(entry.name))
+    return found
+
+
+def processes_left(*fragments: str, seconds: float = 10) -> list[int]:
+    """processes_running(*fragments) once they are gone, or after `seconds`: what a killed parent left behind."""
+    deadline = time.time() + seconds
+    while (found := processes_running(*fragments)) and time.time() < deadline:
+        time.sleep(0.05)
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,11 @@ checkpoint set aside, a finished run left alone, and an export of the DPO adapte
 The tiny model trains for real on CPU (a few seconds per step)."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli, sigkill_when
 from test_preferences import write_vote_log
 from test_train_resume import _snapshot, adapter_weights, max_difference
 
@@ -81,16 +76,8 @@ def test_the_votes_become_pairs_and_dpo_raises_held_out_preference_accuracy(refe
 def test_sigkill_after_checkpoint_then_resume_is_exact(reference_run, dpo_args, tmp_path):
     reference, _ = reference_run
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, str(REPO / "train/run.py"), *dpo_args, "--output-dir", str(out)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sealed = out / "checkpoint-4" / "checkpoint_manifest.json"
-    deadline = time.time() + 300
-    while not sealed.exists():
-        assert process.poll() is None, f"training ended before checkpoint-4: {process.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint-4 within 5 minutes"
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_when("train/run.py", *dpo_args, "--output-dir", str(out), reached=sealed.exists, what="checkpoint-4")
     assert not (out / "adapter").exists() and not (out / "checkpoint-6").exists()
 
     resumed = run_cli("train/run.py", *dpo_args, "--output-dir", str(out))

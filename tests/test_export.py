@@ -4,16 +4,14 @@ every verification check, atomicity under SIGKILL, idempotent reruns, the push r
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY_GGUF_NAME as NAME, run_cli
+from conftest import REPO, TINY_GGUF_NAME as NAME, processes_left, processes_running, run_cli, sigkill_when
 from hub_recorder import RecordingClient
 
 
@@ -117,41 +115,17 @@ def test_final_names_that_do_not_load_are_made_again(exported, trained_adapter, 
     assert report["passed"] and q4.stat().st_size == (exported[0] / q4.name).stat().st_size
 
 
-def _processes_writing_into(folder: Path) -> list[int]:
-    """Processes whose command line names `folder` (the converter is given its output path)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(folder) in command and "convert_hf_to_gguf" in command:
-                found.append(int(entry.name))
-    return found
-
-
 def _sigkill_export_once(adapter: Path, out: Path, reached, stage: str) -> None:
     """Start a q4_k_m export into `out` and SIGKILL it as soon as `reached()` says it is in `stage`."""
-    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(adapter), "--out", str(out),
-               "--quant", "q4_k_m"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not reached():
-        assert process.poll() is None, f"export ended before {stage} started"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_when("export/to_gguf.py", "--adapter", str(adapter), "--out", str(out), "--quant", "q4_k_m",
+                 reached=reached, what=stage)
 
 
 def test_sigkill_during_conversion_takes_the_converter_with_it(trained_adapter, llama_source_archive, tmp_path):
     out = tmp_path / "killed-convert"
-    _sigkill_export_once(trained_adapter, out, lambda: _processes_writing_into(out), "conversion")
-    deadline = time.time() + 10
-    while _processes_writing_into(out) and time.time() < deadline:
-        time.sleep(0.05)
-    assert _processes_writing_into(out) == []  # no orphan converter left writing
+    converter = ("convert_hf_to_gguf", str(out))  # the converter is given its output path
+    _sigkill_export_once(trained_adapter, out, lambda: processes_running(*converter), "conversion")
+    assert processes_left(*converter) == []  # no orphan converter left writing
     result = run_cli("export/to_gguf.py", "--adapter", str(trained_adapter), "--out", str(out), "--quant", "q4_k_m")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / f"{NAME}-Q4_K_M.gguf").is_file() and not list(out.glob(".*.tmp-*"))

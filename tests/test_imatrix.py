@@ -5,15 +5,12 @@ export end to end with llama.cpp's built tools, and a kill during llama-imatrix 
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, TINY_GGUF_NAME as NAME, run_cli
+from conftest import REPO, SAMPLE, TINY_GGUF_NAME as NAME, processes_left, processes_running, run_cli, sigkill_when
 from hub_recorder import RecordingClient
 
 
@@ -181,35 +178,12 @@ def test_a_given_imatrix_file_is_used_and_a_static_rerun_requantizes(exported_im
     assert json.loads((out / "report.json").read_text())["imatrix"] is None
 
 
-def _tool_running(tool: str, folder: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if command.startswith(str(Path(os.environ["FINETOME_LLAMA_TOOLS"]))) and tool in command \
-                    and str(folder) in command:
-                found.append(int(entry.name))
-    return found
-
-
 def _kill_when(adapter: Path, out: Path, tool: str) -> None:
-    command = [sys.executable, str(REPO / "export/to_gguf.py"), "--adapter", str(adapter), "--out", str(out),
-               "--quant", "q4_k_m", "--imatrix", "--imatrix-tokens", "4096", "--probes", "0"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not _tool_running(tool, out):
-        assert process.poll() is None, f"export ended before {tool} started"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.time() + 10
-    while _tool_running(tool, out) and time.time() < deadline:
-        time.sleep(0.05)
-    assert _tool_running(tool, out) == []  # the tool died with the export
+    """SIGKILL an imatrix export into `out` while `tool` (one of llama.cpp's, started by it) runs; the tool dies too."""
+    running = (str(Path(os.environ["FINETOME_LLAMA_TOOLS"])), tool, str(out))
+    sigkill_when("export/to_gguf.py", "--adapter", str(adapter), "--out", str(out), "--quant", "q4_k_m", "--imatrix",
+                 "--imatrix-tokens", "4096", "--probes", "0", reached=lambda: processes_running(*running), what=tool)
+    assert processes_left(*running) == []  # the tool died with the export
 
 
 def test_sigkill_during_imatrix_or_quantize_leaves_no_invalid_file_and_the_rerun_completes(

@@ -4,19 +4,14 @@ Each run trains the tiny Llama-3.2-architecture model for real on CPU (a few sec
 """
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import run_cli, sigkill_when
 
 ARGS = ["--preset", "tiny", "--max-steps", "6", "--save-steps", "2", "--eval-samples", "4"]
 
@@ -91,16 +86,8 @@ def test_adapter_loads_with_peft_on_the_base_model(reference_run, tiny_model_dir
 def test_sigkill_after_checkpoint_then_resume_is_exact(reference_run, tmp_path):
     reference, _ = reference_run
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, str(REPO / "train/run.py"), *ARGS, "--output-dir", str(out)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sealed = out / "checkpoint-4" / "checkpoint_manifest.json"
-    deadline = time.time() + 300
-    while not sealed.exists():
-        assert process.poll() is None, f"training ended before checkpoint-4: {process.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "no checkpoint-4 within 5 minutes"
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_when("train/run.py", *ARGS, "--output-dir", str(out), reached=sealed.exists, what="checkpoint-4")
     assert not (out / "adapter").exists() and not (out / "checkpoint-6").exists()
 
     resumed = run_cli("train/run.py", *ARGS, "--output-dir", str(out), "--resume", "auto")

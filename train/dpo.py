@@ -32,11 +32,10 @@ from .preferences import read_pairs, split_pairs
 from .summary import RunSummary, write_run_summary
 from .trainer import (
     _callbacks,
-    _peak_memory,
-    _versions,
     choose_checkpoint,
     is_finished,
     previous_run,
+    run_facts,
     save_adapter,
     schedule_note,
     shared_arguments,
@@ -340,15 +339,7 @@ def run_dpo(config: TrainConfig) -> RunSummary:
     sft_run = sft_run_summary(sft_dir)
     summary = {
         "stage": "dpo",
-        "config": config.to_dict(),
-        "backend": backend_name,
-        "device": loaded.device,
-        "dtype": loaded.dtype,
-        "base_model": loaded.base_path,
-        "versions": _versions(),
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "resumed_from": str(resume_from) if resume_from else None,
+        **run_facts(config, backend_name, loaded, state, resume_from),
         "sft": {"adapter": str(sft_dir), "adapter_sha256": sft_sha, "dataset": sft_run.dataset, "steps": sft_run.steps},
         "pairs": {**data["info"], "prompt_too_long": too_long,
                   "used": {split: len(kept[split]) for split in SPLITS}},
@@ -363,7 +354,6 @@ def run_dpo(config: TrainConfig) -> RunSummary:
         "wall_seconds": round(time.perf_counter() - started, 2),
         "adapter": str(adapter),
         "train_metrics": result.metrics,
-        **_peak_memory(),
     }
     summary_file = write_run_summary(output_dir, summary)
     plot_dpo(history, output_dir / "loss.png")

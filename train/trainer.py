@@ -99,6 +99,15 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
+def run_facts(config: TrainConfig, backend_name: str, loaded, state, resume_from: Path | None) -> dict:
+    """What run.json says of every run, SFT or DPO: its settings, where it ran, with what, how far, and its peak
+    memory (each stage adds its own figures)."""
+    return {"config": config.to_dict(), "backend": backend_name, "device": loaded.device, "dtype": loaded.dtype,
+            "base_model": loaded.base_path, "versions": _versions(), "steps": state.global_step,
+            "max_steps": state.max_steps, "resumed_from": str(resume_from) if resume_from else None,
+            **_peak_memory()}
+
+
 def _callbacks(config: TrainConfig, output_dir: Path, compat: dict | None = None):
     """The progress bar and the checkpoint sealer, as transformers TrainerCallbacks (`compat`: what the sealed
     checkpoints record as the run's identity, default compat_info)."""
@@ -394,15 +403,7 @@ def run(config: TrainConfig) -> RunSummary:
     eval_losses = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
     tokens_this_run = state.num_input_tokens_seen - tokens_before
     summary = {
-        "config": config.to_dict(),
-        "backend": backend_name,
-        "device": loaded.device,
-        "dtype": loaded.dtype,
-        "base_model": loaded.base_path,
-        "versions": _versions(),
-        "steps": state.global_step,
-        "max_steps": state.max_steps,
-        "resumed_from": str(resume_from) if resume_from else None,
+        **run_facts(config, backend_name, loaded, state, resume_from),
         "train_loss": losses[-1]["loss"] if losses else None,
         "eval_loss": eval_losses[-1]["eval_loss"] if eval_losses else None,
         "losses": losses,
@@ -415,7 +416,6 @@ def run(config: TrainConfig) -> RunSummary:
         "data": {**info, "reused": data.reused},
         "adapter": str(adapter),
         "train_metrics": result.metrics,
-        **_peak_memory(),
     }
     summary_file = write_run_summary(output_dir, summary)
     plot_losses(history, output_dir / "loss.png")
