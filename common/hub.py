@@ -68,9 +68,10 @@ def get_token() -> str | None:
     return saved_login()
 
 
-def resolve_token(env: Mapping[str, str] = os.environ, missing: str = NO_TOKEN) -> str:
+def resolve_token(env: Mapping[str, str] | None = None, missing: str = NO_TOKEN) -> str:
     """HF_TOKEN from the environment, else the token saved by `hf auth login`; HubError(missing) when neither is
     there (each command says what it needs the token for)."""
+    env = os.environ if env is None else env  # now, not at import time
     token = env.get("HF_TOKEN", "").strip() or get_token()
     if not token:
         raise HubError(missing)

@@ -11,7 +11,6 @@ raising the export's own ExportError, which export/cli.py and compare/ report.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +38,7 @@ def as_export_error() -> Iterator[None]:
         raise ExportError(str(error)) from error.__cause__
 
 
-def resolve_token(env: Mapping[str, str] = os.environ) -> str:
+def resolve_token(env: Mapping[str, str] | None = None) -> str:
     """HF_TOKEN from the environment, else the token saved by `hf auth login` (common/hub.py)."""
     with as_export_error():
         return shared.resolve_token(env, missing=NO_TOKEN)

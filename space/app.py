@@ -305,7 +305,7 @@ def _leaderboard_tab(tab: gr.Tab, sources: VoteSources, report: dict | None) -> 
     return board
 
 
-def parse_args(argv=None, environ=os.environ) -> SpaceConfig:
+def parse_args(argv=None, environ=None) -> SpaceConfig:
     """The settings (space.config: flag > SPACE_* variable > default); a mistake, or several, is one `error:` line
     each and exit 2 (common.cli)."""
     try:

@@ -104,12 +104,13 @@ def _catalog_from_entries(entries, source: str) -> list[ModelSpec]:
     return [ModelSpec(**entry) for entry in entries]
 
 
-def load_catalog(path: Path = DEFAULT_CATALOG, env: Mapping[str, str] = os.environ) -> list[ModelSpec]:
+def load_catalog(path: Path = DEFAULT_CATALOG, env: Mapping[str, str] | None = None) -> list[ModelSpec]:
     """The models to serve: $SPACE_MODELS (a JSON list, set by scripts/deploy_space.py) or else the YAML file.
 
     Both hold the same entries: `{"label", "repo_id", "filename"}`, `{"label", "path"}` or
     `{"label", "base_url", "model"[, "api_key_env"]}`.
     """
+    env = os.environ if env is None else env  # now, not at import time
     if env.get(CATALOG_ENV, "").strip():
         try:
             entries = json.loads(env[CATALOG_ENV])

@@ -216,8 +216,10 @@ def build_parser(description: str = "") -> UsageParser:
     return parser
 
 
-def _from_environment(names: Sequence[str], environ: Mapping[str, str]) -> tuple[dict, dict]:
-    """The values of the named settings whose variables are set and not blank, and where each came from."""
+def _from_environment(names: Sequence[str], environ: Mapping[str, str] | None) -> tuple[dict, dict]:
+    """The values of the named settings whose variables are set and not blank, and where each came from. `environ`
+    None is the process's environment as it is now (a default argument would keep the object of import time)."""
+    environ = os.environ if environ is None else environ
     values, sources = {}, {}
     for setting in settings():
         env = setting.metadata["env"]
@@ -227,7 +229,7 @@ def _from_environment(names: Sequence[str], environ: Mapping[str, str]) -> tuple
     return values, sources
 
 
-def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ,
+def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
                      description: str = "") -> SpaceConfig:
     """The settings by the one rule (flag > environment variable > default); UsageError listing every problem.
 
@@ -244,7 +246,7 @@ def config_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, st
     return SpaceConfig(**values, sources=sources)
 
 
-def environment_setting(name: str, environ: Mapping[str, str] = os.environ):
+def environment_setting(name: str, environ: Mapping[str, str] | None = None):
     """One setting by the same rule without flags (its variable when set and not blank, else its default), checked
     as the app checks it: for another entry point that shares a Space setting but has flags of its own.
 

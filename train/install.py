@@ -257,9 +257,9 @@ def torch_packages(names) -> list[str]:
             or canonical_name(name).startswith(("nvidia-", "cuda-"))]
 
 
-def detect_colab(environ=os.environ) -> bool:
+def detect_colab(environ=None) -> bool:
     """Whether this is a Google Colab runtime: it sets COLAB_RELEASE_TAG, and ships the `google.colab` package."""
-    if environ.get("COLAB_RELEASE_TAG"):
+    if (os.environ if environ is None else environ).get("COLAB_RELEASE_TAG"):
         return True
     try:
         return importlib.util.find_spec("google.colab") is not None
