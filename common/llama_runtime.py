@@ -182,6 +182,24 @@ def open_gguf_from_hub(repo_id: str, filename: str, **settings) -> Llama:
         return Llama.from_pretrained(repo_id, filename, **_settings(settings))
 
 
+def token_piece(llm: Llama, token: int, special: bool = True) -> bytes:
+    """One token's text as bytes, whatever its length (`special`: a control token's name, else nothing for it).
+
+    Not `llm.detokenize([token])`: llama-cpp-python 0.3.36 gives each token a 32-byte buffer there and returns b""
+    for a longer piece (Llama 3's vocabulary has them: runs of '=', '-' or spaces up to 128 bytes)."""
+    import ctypes
+
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    buffer = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 64, 0, special)
+    if n < 0:  # the piece needs -n bytes
+        buffer = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, -n, 0, special)
+    return buffer.raw[:n]
+
+
 def gguf_chat_formatter(llm: Llama):
     """The GGUF's own chat template (`tokenizer.chat_template`) as a Jinja2ChatFormatter, built the way Llama.__init__
     builds its chat handler, stopping at the GGUF's end-of-generation token (<|eot_id|> for Llama 3.x); None when

@@ -17,7 +17,6 @@ API: `/chat` (one streamed turn), `/compare` (the same message to two models), `
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time

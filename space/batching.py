@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from common.llama_runtime import token_piece
 from space.jobs import Done, Job, Piece, Queued, Started, common_prefix
 from space.replies import Sampling
 
@@ -152,12 +153,7 @@ class BatchedDecoder:
         """The token's text as bytes (control tokens: empty), cached."""
         text = self._pieces.get(token)
         if text is None:
-            buffer = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
-            if n < 0:
-                buffer = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -n, 0, False)
-            text = self._pieces[token] = buffer.raw[:n]
+            text = self._pieces[token] = token_piece(self.llm, token, special=False)
         return text
 
     def known_tokens(self) -> list[list[int]]:

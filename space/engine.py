@@ -302,7 +302,8 @@ class Engine:
                 events.close()  # a stopped or abandoned answer frees its slot at the next step
             reply.token_times = tuple(job.sampled_at)
             if reply.finish_reason in ("stop", "length"):
-                streamed.update({len(tokens) + position: data for position, data in job.streamed.items()})
+                streamed.update({len(tokens) + position: data for position, token in enumerate(job.generated)
+                                 if (data := job.streamed.get(position, model.streamed_as(token))) is not None})
                 self._remember(key, tokens + job.generated, streamed)
         except Exception as error:
             log.exception("generation with %r failed", label)

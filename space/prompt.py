@@ -16,6 +16,7 @@ import numpy as np
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from common.llama_runtime import token_piece
 from space.history import reusable_prefix
 from space.replies import UserError
 
@@ -131,13 +132,19 @@ class ChatModel:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return len(tokens) == 1 and not self.llm.detokenize(tokens, special=False)
 
+    def streamed_as(self, token: int) -> bytes | None:
+        """What `token` streams as in an answer where that is not its piece here: nothing for a control token (a
+        model may sample <|reserved_special_token_…|>), so the conversation sends back text without it; else None."""
+        piece = self._piece(token)
+        return b"" if piece.startswith(_CONTROL) and piece != _CONTROL * 2 else None
+
     def _piece(self, token: int) -> bytes:
         """The token's bytes; a control token's (<|eot_id|>, ...) after _CONTROL, and a byte token's that holds
         _CONTROL (the model may sample one) as bytes no prompt holds, so it never stands for a marker."""
         piece = self._pieces.get(token)
         if piece is None:
-            text = self.llm.detokenize([token], special=True)
-            if text and not self.llm.detokenize([token], special=False):
+            text = token_piece(self.llm, token, special=True)  # not llm.detokenize: it drops pieces over 32 bytes
+            if text and not token_piece(self.llm, token, special=False):
                 piece = _CONTROL + text
             else:
                 piece = _CONTROL * 2 if _CONTROL in text else text

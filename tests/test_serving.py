@@ -674,9 +674,9 @@ def test_a_refused_decode_ends_its_answers_in_one_line_and_corrupts_nothing(tiny
 
 
 def test_an_answer_streamed_as_other_text_than_its_tokens_is_still_not_read_again(tiny_gguf, monkeypatch):
-    """A character split over two tokens streams with the second, a byte that is not UTF-8 streams as U+FFFD: the
-    conversation sends that text back, and the next turn still continues from the sampled tokens (read: only the
-    new turn), because the engine keeps what each token was streamed as."""
+    """A character split over two tokens streams with the second, a byte that is not UTF-8 streams as U+FFFD, a
+    sampled control token as nothing: the conversation sends that text back, and the next turn still continues from
+    the sampled tokens (read: only the new turn), because the engine keeps what each token was streamed as."""
     engine = Engine(catalog_from_paths([str(tiny_gguf)]), n_ctx=512, slots=1)
     label = engine.labels[0]
     decoder, llm = engine.decoder(label), engine.get(label)
@@ -687,16 +687,23 @@ def test_an_answer_streamed_as_other_text_than_its_tokens_is_still_not_read_agai
     def byte_token(value: int) -> int:
         return singles[bytes([value])]
 
-    forced = [byte_token(0xC3), byte_token(0xA9), byte_token(0xFF), *llm.tokenize(b" ok", add_bos=False), EOT_ID]
+    # Also a token whose piece is over 32 bytes (llama-cpp-python's detokenize drops those) and a control token a
+    # model may sample (<|reserved_special_token_0|>, which streams as nothing).
+    long = next(token for token in range(llm.n_vocab()) if len(decoder.piece(token)) > 32)
+    control = llm.tokenize(b"<|reserved_special_token_0|>", add_bos=False, special=True)[0]
+    forced = [byte_token(0xC3), byte_token(0xA9), byte_token(0xFF), long, control,
+              *llm.tokenize(b" ok" * 12, add_bos=False), EOT_ID]  # 12 more tokens: re-reading them would show
     sample = decoder.sample_token
 
     def sample_forced(*args, **kwargs):
         return forced.pop(0) if forced else sample(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "sample_token", sample_forced)
-    first = drain(engine.stream_chat(label, "Hi", sampling=GREEDY, session="s"))[-1]
-    assert first.text == "\u00e9\ufffd ok" and first.finish_reason == "stop"
+    first = drain(engine.stream_chat(label, "Hi", sampling=Sampling(temperature=0, max_new_tokens=32),
+                                     session="s"))[-1]
+    assert first.text == "\u00e9\ufffd" + decoder.piece(long).decode() + " ok" * 12
+    assert first.finish_reason == "stop"
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.text}]
     second = drain(engine.stream_chat(label, "And?", history, sampling=GREEDY, session="s"))[-1]
     assert second.error is None
-    assert second.prompt_read <= engine._model(label).count_tokens([{"role": "user", "content": "And?"}])
+    assert second.prompt_read == second.prompt_tokens - first.prompt_tokens - first.tokens  # the new turn alone
