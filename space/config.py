@@ -21,9 +21,9 @@ import argparse
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 
-from common.cli import UsageError, UsageParser, one_line
+from common.cli import UsageError, UsageParser, config_field, field_default, one_line
 from common.hub import looks_like_repo_id
 from space.engine import COMPARE_MODES, DEFAULT_CACHE_MB, DEFAULT_N_CTX, DEFAULT_SLOTS
 
@@ -36,10 +36,7 @@ def _setting(default, help: str, env: str | None = None, flag: bool = True, leas
              choices: Sequence[str] | None = None, metavar: str | None = None):
     """A field whose help text is its flag's --help; `env` names its environment variable, `least`/`most` bound a
     number, `flag=False` makes a setting the environment alone sets."""
-    metadata = dict(help=help, env=env, flag=flag, least=least, most=most, choices=choices, metavar=metavar)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return config_field(default, help, env=env, flag=flag, least=least, most=most, choices=choices, metavar=metavar)
 
 
 @dataclass
@@ -141,10 +138,6 @@ def flag_name(setting: Field) -> str:
     return "--" + setting.name.replace("_", "-")
 
 
-def _default(setting: Field):
-    return setting.default_factory() if setting.default is MISSING else setting.default
-
-
 def _shown(value) -> str:
     """A value as an error quotes it: its text in quotes, as typed (a number's too), on one line."""
     return one_line(repr(value if isinstance(value, str) else str(value)), 60)
@@ -160,7 +153,7 @@ def _problem(setting: Field, value) -> str | None:
                 and (most is None or value <= most))
         bounds = f"from {least} to {most}" if most is not None else f">= {least}"
         what = "whole number" if kind == "int" else "finite number"
-        return None if fits else f"{_shown(value)} is not a {what} {bounds}, e.g. {_default(setting)} (the default)"
+        return None if fits else f"{_shown(value)} is not a {what} {bounds}, e.g. {field_default(setting)} (the default)"
     if kind == "bool":
         return None if isinstance(value, bool) else f"{_shown(value)} is not true or false"
     if kind == "list[str]":
@@ -169,7 +162,7 @@ def _problem(setting: Field, value) -> str | None:
     if value is None and kind == "str | None":
         return None
     if not isinstance(value, str) or not value.strip():
-        return f"{_shown(value)} is empty; give a value, e.g. {_default(setting)} (the default)"
+        return f"{_shown(value)} is empty; give a value, e.g. {field_default(setting)} (the default)"
     if meta["choices"] and value not in meta["choices"]:
         return f"{_shown(value)} is not one of: {', '.join(meta['choices'])}"
     return None
@@ -201,7 +194,7 @@ def build_parser(description: str = "") -> UsageParser:
         meta = setting.metadata
         if not meta["flag"]:
             continue
-        default = _default(setting)
+        default = field_default(setting)
         shown = "none" if default in (None, []) else default
         env = f", or ${meta['env']}" if meta["env"] else ""
         options = dict(dest=setting.name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown}{env})")
